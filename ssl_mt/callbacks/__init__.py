@@ -1,0 +1,1 @@
+"""Lightning callbacks: progressive resolution, throughput, prediction grids, bad samples."""

@@ -1,0 +1,64 @@
+"""Where the Hydra configs live, the OmegaConf resolvers they use, and small loaders."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _total_epochs(stages: Any) -> int:
+    return int(sum(int(stage["epochs"]) for stage in stages))
+
+
+def _first_stage(stages: Any, key: str) -> Any:
+    return stages[0][key]
+
+
+def _auto_precision() -> str:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def register_resolvers() -> None:
+    """Registers the resolvers the configs use (idempotent)."""
+    resolvers = {
+        "total_epochs": _total_epochs,
+        "first_stage": _first_stage,
+        "auto_precision": _auto_precision,
+        "sqrt": lambda x: math.sqrt(float(x)),
+        "last": lambda items: items[len(items) - 1],
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def load_tasks_config(name_or_path: str | Path = "default") -> DictConfig:
+    """Loads a ``conf/tasks`` option by name (``default``) or a YAML file by path.
+
+    Resolves the option's own ``defaults`` list (one level) the way Hydra would.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONF_DIR / "tasks" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONF_DIR / "tasks").glob("*.yaml"))
+        raise FileNotFoundError(f"no task config {name_or_path!r}; options: {options}")
+    config = OmegaConf.load(path)
+    defaults = config.pop("defaults", [])
+    merged = OmegaConf.create()
+    for entry in defaults:
+        if entry != "_self_":
+            merged = OmegaConf.merge(merged, load_tasks_config(path.parent / f"{entry}.yaml"))
+    return OmegaConf.merge(merged, config)
+
+
+register_resolvers()

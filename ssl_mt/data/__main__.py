@@ -1,0 +1,165 @@
+"""Dataset command line: ``python -m ssl_mt.data {generate,check,preview,prepare} ...``.
+
+Exit codes: 0 success, 1 ``check`` found problems, 2 the command could not run (missing
+files, unusable manifest, bad arguments); errors are one paragraph, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.data.image_io import BadSampleError
+from ssl_mt.data.manifest import ManifestError
+from ssl_mt.tasks import TaskConfigError, TaskSpec, parse_tasks
+
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ManifestError, FileNotFoundError, BadSampleError, TaskConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssl_mt.data", description="Generate, check, preview and resize datasets."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="write a synthetic dataset")
+    generate.add_argument("--out", type=Path, required=True, help="dataset root to write")
+    generate.add_argument("--n", type=int, required=True, help="number of images")
+    generate.add_argument("--size", type=int, default=256, help="image side in pixels")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--irrelevant-fraction", type=float, default=0.15)
+    generate.add_argument("--unlabeled-fraction", type=float, default=0.2)
+    generate.add_argument("--val-fraction", type=float, default=0.15)
+    generate.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    generate.set_defaults(run=_generate)
+
+    check = commands.add_parser("check", help="validate labels.csv and every file it names")
+    check.add_argument("root", type=Path)
+    _add_tasks(check)
+    check.add_argument("--workers", type=int, default=0, help="threads (0 = all cores)")
+    check.set_defaults(run=_check)
+
+    preview = commands.add_parser("preview", help="draw a grid of samples (or of SSL views)")
+    preview.add_argument("root", type=Path, help="dataset root or image folder")
+    preview.add_argument("--out", type=Path, required=True, help="PNG to write")
+    preview.add_argument("--n", type=int, default=None, help="samples (default 16; 8 views)")
+    preview.add_argument("--size", type=int, default=192, help="tile side in pixels")
+    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--views", action="store_true", help="show two SSL views per image")
+    preview.add_argument(
+        "--augment", default="simclr", help="augment preset (simclr, skin) or YAML path"
+    )
+    _add_tasks(preview)
+    preview.set_defaults(run=_preview)
+
+    prepare = commands.add_parser("prepare", help="write a downsized copy of a dataset")
+    prepare.add_argument("root", type=Path)
+    prepare.add_argument("--max-side", type=int, required=True, help="longest image side")
+    prepare.add_argument("--out", type=Path, default=None, help="default: ROOT_<max-side>")
+    prepare.add_argument(
+        "--tasks",
+        default=None,
+        help="task config whose segmentation columns are masks (default: columns of image paths)",
+    )
+    prepare.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    prepare.set_defaults(run=_prepare)
+    return parser
+
+
+def _add_tasks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", default="default", help="conf/tasks option name or a YAML file")
+
+
+def _tasks(name_or_path: str) -> list[TaskSpec]:
+    return parse_tasks(load_tasks_config(name_or_path))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ssl_mt.data.synthetic import generate_dataset
+
+    start = time.perf_counter()
+    out = generate_dataset(
+        args.out,
+        n=args.n,
+        size=args.size,
+        seed=args.seed,
+        irrelevant_fraction=args.irrelevant_fraction,
+        unlabeled_fraction=args.unlabeled_fraction,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+    )
+    print(f"wrote {args.n} images to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ssl_mt.data.check import check_dataset, format_report
+
+    report = check_dataset(
+        args.root, _tasks(args.tasks), workers=args.workers, progress=sys.stderr.isatty()
+    )
+    print(format_report(report))
+    return 0 if report.ok else EXIT_PROBLEMS
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from ssl_mt.data.preview import preview_grid, preview_views
+
+    if args.views:
+        augment = load_augment_config(args.augment)
+        out = preview_views(
+            args.root, args.out, augment, n=args.n or 8, size=args.size, seed=args.seed
+        )
+    else:
+        tasks = _tasks(args.tasks)
+        out = preview_grid(
+            args.root, args.out, tasks, n=args.n or 16, seed=args.seed, size=args.size
+        )
+    print(f"wrote {out}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ssl_mt.data.prepare import prepare_dataset
+
+    root = args.root
+    out = args.out or root.with_name(f"{root.name}_{args.max_side}")
+    tasks = _tasks(args.tasks) if args.tasks else None
+    prepare_dataset(root, out, args.max_side, workers=args.workers, tasks=tasks)
+    print(f"wrote {out}")
+    return 0
+
+
+def load_augment_config(name_or_path: str) -> DictConfig:
+    """Loads a ``conf/augment`` preset by name (``simclr``, ``skin``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONF_DIR / "augment" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONF_DIR / "augment").glob("*.yaml"))
+        raise FileNotFoundError(f"no augment config {name_or_path!r}; options: {options}")
+    config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"{path}: an augment config must be a mapping")
+    return config
+
+
+if __name__ == "__main__":
+    sys.exit(main())

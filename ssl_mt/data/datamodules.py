@@ -1,0 +1,399 @@
+"""LightningDataModules for SSL pretraining and multi-task fine-tuning.
+
+Both build their own :class:`EpochIndexSampler`, so Lightning keeps their loaders (and the
+persistent workers behind them) instead of re-wrapping them every epoch, and every sample's
+augmentation depends only on (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_mt.data.datasets import (
+    EpochIndexSampler,
+    MultiTaskDataset,
+    MultiViewDataset,
+    OnBadSample,
+    collate_samples,
+)
+from ssl_mt.data.manifest import MANIFEST_NAME, Sample, list_image_folder, load_manifest
+from ssl_mt.data.transforms import build_finetune_transform, build_ssl_view_transform
+from ssl_mt.schedule import ResolutionSchedule
+from ssl_mt.tasks import TaskSpec, parse_tasks
+
+
+class _LoaderSettings:
+    """DataLoader settings shared by both datamodules."""
+
+    def __init__(
+        self,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        prefetch_factor: int,
+        seed: int,
+    ) -> None:
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
+        self.seed = seed
+
+    def loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        world_size: int,
+        rank: int,
+    ) -> DataLoader:
+        sampler = EpochIndexSampler(
+            dataset,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_last=drop_last,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor,
+            drop_last=drop_last,
+            collate_fn=collate_samples,
+        )
+
+
+def _world(module: L.LightningDataModule) -> tuple[int, int]:
+    trainer = module.trainer
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
+
+
+def _require_split(samples: Sequence[Sample], split: str, root: Path) -> None:
+    if not samples:
+        raise ValueError(
+            f"{root / MANIFEST_NAME}: no samples in split {split!r}; set the `split` column "
+            "or leave it out for an automatic split"
+        )
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Multi-task data with progressive training resolution and several eval resolutions.
+
+    Args:
+        root: Dataset root holding ``labels.csv``.
+        tasks: The ``tasks`` config (task name -> declaration).
+        stages: The schedule's stages (see :class:`ssl_mt.schedule.ResolutionSchedule`).
+        eval_sizes: Validation/test resolutions; one loader each, evaluated every epoch.
+        eval_batch_size: Per-device batch size of evaluation loaders.
+        augment: The ``finetune`` augment config.
+        size_multiple: Sizes must be multiples of this (the encoder's output stride).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        tasks: Mapping[str, Any],
+        stages: Sequence[Mapping[str, Any]],
+        eval_sizes: Sequence[int],
+        eval_batch_size: int,
+        augment: Mapping[str, Any],
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        val_fraction: float = 0.1,
+        on_bad_sample: OnBadSample = "raise",
+        size_multiple: int = 32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.tasks: list[TaskSpec] = parse_tasks(tasks)
+        self.schedule = ResolutionSchedule(stages, size_multiple)
+        self.eval_sizes = [int(s) for s in eval_sizes]
+        bad = [s for s in self.eval_sizes if s % size_multiple or s < size_multiple]
+        if bad or not self.eval_sizes:
+            raise ValueError(
+                f"data.eval_sizes={list(eval_sizes)}: need at least one size, each a multiple "
+                f"of {size_multiple}"
+            )
+        self.eval_batch_size = eval_batch_size
+        self.augment = augment
+        self.val_fraction = val_fraction
+        self.on_bad_sample = on_bad_sample
+        self.seed = seed
+        self.settings = _LoaderSettings(
+            num_workers, pin_memory, persistent_workers, prefetch_factor, seed
+        )
+        self.samples: dict[str, list[Sample]] = {}
+        self._train_loader: tuple[int, DataLoader] | None = None
+        self._eval_loaders: dict[str, list[DataLoader]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.samples:
+            return
+        samples = load_manifest(self.root, self.tasks, val_fraction=self.val_fraction)
+        for split in ("train", "val", "test"):
+            self.samples[split] = [s for s in samples if s.split == split]
+        _require_split(self.samples["train"], "train", self.root)
+        _require_split(self.samples["val"], "val", self.root)
+
+    @property
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.samples["train"])
+
+    def train_dataset(self, stage_index: int) -> MultiTaskDataset:
+        stage = self.schedule.stages[stage_index]
+        transform = build_finetune_transform(
+            self.augment, stage.size, train=True, strength=stage.aug_strength
+        )
+        return MultiTaskDataset(
+            self.samples["train"], self.tasks, transform, self.seed, self.on_bad_sample
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """The loader of the current epoch's stage; the same object for a whole stage."""
+        index = self.schedule.index_at(self.current_epoch)
+        if self._train_loader is None or self._train_loader[0] != index:
+            self._train_loader = None  # let the previous stage's workers go first
+            world, rank = _world(self)
+            loader = self.settings.loader(
+                self.train_dataset(index),
+                self.schedule.stages[index].batch_size,
+                shuffle=True,
+                drop_last=True,
+                world_size=world,
+                rank=rank,
+            )
+            if len(loader) == 0:
+                raise ValueError(
+                    f"{len(self.samples['train'])} training samples over {world} device(s) "
+                    f"make no full batch of {self.schedule.stages[index].batch_size}: lower "
+                    "the stage's batch_size"
+                )
+            self._train_loader = (index, loader)
+        return self._train_loader[1]
+
+    def _eval_loaders_for(self, split: str) -> list[DataLoader]:
+        if split not in self._eval_loaders:
+            world, rank = _world(self)
+            self._eval_loaders[split] = [
+                self.settings.loader(
+                    MultiTaskDataset(
+                        self.samples[split],
+                        self.tasks,
+                        build_finetune_transform(self.augment, size, train=False),
+                        self.seed,
+                        self.on_bad_sample,
+                    ),
+                    self.eval_batch_size,
+                    shuffle=False,
+                    drop_last=False,
+                    world_size=world,
+                    rank=rank,
+                )
+                for size in self.eval_sizes
+            ]
+        return self._eval_loaders[split]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per evaluation size, in the order of ``eval_sizes``."""
+        return self._eval_loaders_for("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        if not self.samples.get("test"):
+            raise ValueError(f"{self.root / MANIFEST_NAME}: no samples in split 'test'")
+        return self._eval_loaders_for("test")
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Multi-view images for self-supervised pretraining, plus labeled loaders for kNN.
+
+    Images come from ``ROOT/labels.csv`` (train split) or, without a csv or with
+    ``source=folder``, from every image below ROOT. When the manifest has labels for
+    ``knn_tasks``, :meth:`val_dataloader` returns two loaders: the labeled train split (the
+    kNN memory bank) and the val split (the queries).
+
+    Args:
+        root: Dataset root or image folder.
+        stages: The schedule's stages: view size and per-device batch size (images; each
+            yields ``n_views`` views) per range of epochs.
+        eval_sizes: Resolutions of the schedule's evaluation; the kNN monitor uses the first.
+        augment: The SSL augment config (``simclr`` or ``skin``).
+        tasks: The ``tasks`` config; used to read labels for the kNN monitor.
+        knn_tasks: Classification tasks whose labels the kNN monitor predicts.
+        knn_max_samples: Cap on the bank and query sizes (keeps the monitor cheap).
+        n_views: Views per image.
+        source: ``auto`` (csv when present), ``manifest`` or ``folder``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        stages: Sequence[Mapping[str, Any]],
+        eval_sizes: Sequence[int],
+        augment: Mapping[str, Any],
+        tasks: Mapping[str, Any] | None = None,
+        knn_tasks: Sequence[str] = (),
+        knn_max_samples: int = 5000,
+        n_views: int = 2,
+        source: str = "auto",
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        val_fraction: float = 0.1,
+        eval_batch_size: int = 64,
+        on_bad_sample: OnBadSample = "raise",
+        size_multiple: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in ("auto", "manifest", "folder"):
+            raise ValueError(f"data.source must be auto, manifest or folder, got {source!r}")
+        self.schedule = ResolutionSchedule(stages, size_multiple)
+        for i, stage in enumerate(self.schedule.stages):
+            if stage.batch_size < 2:
+                raise ValueError(
+                    f"schedule.stages[{i}].batch_size={stage.batch_size}: contrastive learning "
+                    "needs at least 2 images per device (the rest of the batch are the negatives)"
+                )
+        if not eval_sizes:
+            raise ValueError("schedule.eval_sizes is empty")
+        self.knn_size = int(eval_sizes[0])
+        self.root = Path(root)
+        self.eval_batch_size = eval_batch_size
+        self.augment = augment
+        self.all_tasks = parse_tasks(tasks) if tasks else []
+        unknown = [n for n in knn_tasks if n not in {t.name for t in self.all_tasks}]
+        if unknown:
+            raise ValueError(
+                f"data.knn_tasks: {unknown} are not configured tasks "
+                f"({[t.name for t in self.all_tasks]})"
+            )
+        self.knn_tasks = [t for t in self.all_tasks if t.name in knn_tasks]
+        if any(t.is_segmentation for t in self.knn_tasks):
+            raise ValueError("data.knn_tasks must be classification tasks")
+        self.knn_max_samples = knn_max_samples
+        self.n_views = n_views
+        self.source = source
+        self.val_fraction = val_fraction
+        self.on_bad_sample = on_bad_sample
+        self.seed = seed
+        self.settings = _LoaderSettings(
+            num_workers, pin_memory, persistent_workers, prefetch_factor, seed
+        )
+        self.images: list[Path] = []
+        self.knn_samples: dict[str, list[Sample]] = {}
+        self._train_loader: tuple[int, DataLoader] | None = None
+        self._val_loaders: list[DataLoader] | None = None
+
+    @property
+    def uses_manifest(self) -> bool:
+        has_csv = (self.root / MANIFEST_NAME).is_file()
+        if self.source == "manifest" and not has_csv:
+            raise FileNotFoundError(
+                f"data.source=manifest but {self.root / MANIFEST_NAME} is missing"
+            )
+        return self.source != "folder" and has_csv
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.images:
+            return
+        if not self.uses_manifest:
+            self.images = list_image_folder(self.root)
+            return
+        samples = load_manifest(
+            self.root, self.knn_tasks, val_fraction=self.val_fraction, require_columns=False
+        )
+        self.images = [s.image for s in samples if s.split == "train"]
+        _require_split(self.images, "train", self.root)
+        for split in ("train", "val"):
+            labeled = [
+                s
+                for s in samples
+                if s.split == split
+                and any(s.labels.get(t.name) is not None for t in self.knn_tasks)
+            ]
+            self.knn_samples[split] = labeled[: self.knn_max_samples]
+
+    @property
+    def has_knn(self) -> bool:
+        return bool(self.knn_samples.get("train")) and bool(self.knn_samples.get("val"))
+
+    @property
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.images)
+
+    def view_transforms(self, size: int) -> list:
+        return [build_ssl_view_transform(self.augment, size)] * self.n_views
+
+    def train_dataloader(self) -> DataLoader:
+        """The loader of the current epoch's stage; the same object for a whole stage."""
+        index = self.schedule.index_at(self.current_epoch)
+        if self._train_loader is None or self._train_loader[0] != index:
+            self._train_loader = None
+            stage = self.schedule.stages[index]
+            world, rank = _world(self)
+            dataset = MultiViewDataset(
+                self.images, self.view_transforms(stage.size), self.seed, self.on_bad_sample
+            )
+            loader = self.settings.loader(
+                dataset, stage.batch_size, shuffle=True, drop_last=True, world_size=world, rank=rank
+            )
+            if len(loader) == 0:
+                raise ValueError(
+                    f"{len(self.images)} images over {world} device(s) make no full batch of "
+                    f"{stage.batch_size}: lower the stage's batch_size"
+                )
+            self._train_loader = (index, loader)
+        return self._train_loader[1]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[bank, queries]`` for the kNN monitor, or no loader when there are no labels."""
+        if not self.has_knn:
+            return []
+        if self._val_loaders is None:
+            world, rank = _world(self)
+            transform = build_finetune_transform(self.augment, self.knn_size, train=False)
+            self._val_loaders = [
+                self.settings.loader(
+                    MultiTaskDataset(
+                        self.knn_samples[split],
+                        self.knn_tasks,
+                        transform,
+                        self.seed,
+                        self.on_bad_sample,
+                    ),
+                    self.eval_batch_size,
+                    shuffle=False,
+                    drop_last=False,
+                    world_size=world,
+                    rank=rank,
+                )
+                for split in ("train", "val")
+            ]
+        return self._val_loaders

@@ -1,0 +1,182 @@
+"""PyTorch datasets over the manifest: multi-task samples and multi-view SSL samples.
+
+Every sample's augmentation is seeded from (seed, epoch, index), so a run reproduces the
+same views whatever the number of workers, and a resumed run the views it would have seen.
+The epoch reaches worker processes through :class:`EpochIndexSampler`, which yields
+``(epoch, index)`` keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, default_collate
+
+from ssl_mt.data.image_io import BadSampleError, read_image, read_mask
+from ssl_mt.data.manifest import Sample
+from ssl_mt.tasks import TaskSpec
+
+OnBadSample = Literal["raise", "skip"]
+BAD_SAMPLE_KEY = "bad_sample"
+
+
+class EpochIndexSampler(DistributedSampler):
+    """A ``DistributedSampler`` that yields ``(epoch, index)`` keys instead of indices.
+
+    Being a ``DistributedSampler`` it shards across ranks (``num_replicas=1`` for one
+    process), Lightning calls its ``set_epoch`` and leaves it in place instead of wrapping it.
+    """
+
+    def __iter__(self):  # type: ignore[override]
+        epoch = self.epoch
+        for index in super().__iter__():
+            yield (epoch, index)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed that depends only on the run seed, the epoch and the sample index."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return 0, int(key)
+
+
+class _SeededDataset(Dataset):
+    def __init__(self, seed: int, on_bad_sample: OnBadSample) -> None:
+        if on_bad_sample not in ("raise", "skip"):
+            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        self.seed = seed
+        self.on_bad_sample = on_bad_sample
+
+    def _load(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = _split_key(key)
+        self._epoch_seed = sample_seed(self.seed, epoch, index)
+        try:
+            item = self._load(index)
+        except BadSampleError as error:
+            if self.on_bad_sample == "raise":
+                raise BadSampleError(f"{error} ({self._describe(index)})", error.path) from None
+            return {BAD_SAMPLE_KEY: f"{self._describe(index)}: {error}"}
+        item["index"] = index
+        return item
+
+    def _seeded(self, transform: A.Compose, offset: int = 0) -> A.Compose:
+        transform.set_random_seed((self._epoch_seed + offset) % 2**32)
+        return transform
+
+
+class MultiTaskDataset(_SeededDataset):
+    """Image, per-task targets and per-task presence flags.
+
+    Items are ``{"image": (3,H,W) float, "target": {task: tensor}, "present": {task: bool},
+    "index": int}``. Segmentation targets are (1,H,W) float masks in {0,1}; classification
+    targets are class indices (-1 when unlabeled). An unlabeled task gets a dummy target
+    and ``present=False``, so losses and metrics skip it.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tasks: Sequence[TaskSpec],
+        transform: A.Compose,
+        seed: int = 0,
+        on_bad_sample: OnBadSample = "raise",
+    ) -> None:
+        super().__init__(seed, on_bad_sample)
+        self.samples = list(samples)
+        self.tasks = list(tasks)
+        self.seg_tasks = [t for t in self.tasks if t.is_segmentation]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _describe(self, index: int) -> str:
+        sample = self.samples[index]
+        return f"labels.csv row {sample.row}, image {sample.image}"
+
+    def _load(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        hw = image.shape[:2]
+        masks = []
+        for task in self.seg_tasks:
+            path = sample.labels.get(task.name)
+            masks.append(read_mask(path, hw) if path is not None else np.zeros(hw, np.uint8))
+        if masks:
+            out = self._seeded(self.transform)(image=image, masks=masks)
+        else:
+            out = self._seeded(self.transform)(image=image)
+        target: dict[str, torch.Tensor] = {}
+        present: dict[str, torch.Tensor] = {}
+        for k, task in enumerate(self.seg_tasks):
+            target[task.name] = torch.as_tensor(out["masks"][k]).float().unsqueeze(0)
+        for task in self.tasks:
+            label = sample.labels.get(task.name)
+            present[task.name] = torch.tensor(label is not None)
+            if not task.is_segmentation:
+                target[task.name] = torch.tensor(-1 if label is None else int(label))
+        return {"image": out["image"], "target": target, "present": present}
+
+
+class MultiViewDataset(_SeededDataset):
+    """Several augmented views of one image, decoded once per item.
+
+    Items are ``{"views": [tensor, ...], "index": int}``, one view per transform.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Path],
+        view_transforms: Sequence[A.Compose],
+        seed: int = 0,
+        on_bad_sample: OnBadSample = "raise",
+    ) -> None:
+        super().__init__(seed, on_bad_sample)
+        if len(view_transforms) < 1:
+            raise ValueError("MultiViewDataset needs at least one view transform")
+        self.images = list(images)
+        self.view_transforms = list(view_transforms)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _describe(self, index: int) -> str:
+        return f"image {self.images[index]}"
+
+    def _load(self, index: int) -> dict[str, Any]:
+        image = read_image(self.images[index])
+        views = [
+            self._seeded(transform, offset=v)(image=image)["image"]
+            for v, transform in enumerate(self.view_transforms)
+        ]
+        return {"views": views}
+
+
+def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation that sets skipped bad samples aside instead of failing.
+
+    The batch gains ``bad_samples``: descriptions of the items that could not be loaded
+    (only in ``on_bad_sample=skip`` mode), so the training loop can count and list them.
+    """
+    good = [item for item in items if BAD_SAMPLE_KEY not in item]
+    bad = [item[BAD_SAMPLE_KEY] for item in items if BAD_SAMPLE_KEY in item]
+    batch = default_collate(good) if good else {}
+    batch["bad_samples"] = bad
+    return batch

@@ -1,0 +1,60 @@
+"""Multi-task fine-tuning app: ``python -m ssl_mt.finetune [hydra overrides]``.
+
+Composes ``conf/finetune.yaml``; the encoder starts random, from timm's hub
+(``backbone.pretrained=true``) or from an SSL export (``backbone.weights=PATH``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ssl_mt.config import CONF_DIR
+from ssl_mt.runner import build_trainer, prepare_run, resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig):
+    """The :class:`~ssl_mt.models.multitask.MultiTaskModule` of ``cfg.model``."""
+    if cfg.require_backbone_weights and not cfg.backbone.weights:
+        raise ValueError(
+            f"experiment={cfg.experiment_name} needs backbone.weights=PATH: the "
+            "backbone.safetensors written by `python -m ssl_mt.pretrain`"
+        )
+    return instantiate(
+        cfg.model,
+        tasks=cfg.tasks,
+        backbone=cfg.backbone,
+        optim=cfg.optim,
+        weighting=cfg.weighting,
+        eval_sizes=list(cfg.schedule.eval_sizes),
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        _recursive_=False,
+    )
+
+
+def run(cfg: DictConfig) -> Path:
+    """Trains, then evaluates the best checkpoint on the test split when there is one."""
+    run_dir = prepare_run(cfg)
+    datamodule = instantiate(cfg.data, _recursive_=False)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    if cfg.test_after_fit and datamodule.samples.get("test"):
+        trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    return run_dir
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

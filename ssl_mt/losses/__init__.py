@@ -1,0 +1,1 @@
+"""Loss functions and multi-task loss weighting strategies."""

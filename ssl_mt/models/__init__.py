@@ -1,0 +1,1 @@
+"""Backbone factory, heads and the LightningModules (SSL methods, multi-task)."""

@@ -1,0 +1,179 @@
+"""What every self-supervised method shares: backbone, optimiser and lr rule, monitors.
+
+A method subclasses :class:`SSLModule` and implements :meth:`SSLModule.ssl_step`; the base
+class logs the loss and the collapse indicator, runs the kNN monitor on the labeled
+validation loaders, and owns the optimiser and schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from ssl_mt.models.backbone import create_backbone
+from ssl_mt.models.knn import embedding_std, knn_predict
+from ssl_mt.optim import build_optimizer, decay_groups, lambda_scheduler, plan_lr, trainer_world
+
+
+def to_channels_last(x: Tensor, enabled: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if enabled and x.ndim == 4 else x
+
+
+class SSLModule(L.LightningModule):
+    """Base LightningModule of the pretraining methods.
+
+    Args:
+        backbone: The ``backbone`` config (``name``, ``pretrained``, ``weights``,
+            ``grad_checkpointing`` and extra timm kwargs).
+        optim: The ``optim`` config (``name``, ``base_lr``, ``lr_scaling``,
+            ``reference_batch``, ``weight_decay``, ``warmup_epochs``, ``min_lr_ratio``, ...).
+        knn: kNN monitor settings (``k``, ``temperature``).
+        channels_last: Run convolutions in NHWC memory format (faster with bf16 on GPUs).
+        compile: ``torch.compile`` the backbone with static shapes (``dynamic=False``).
+        image_size: Training resolution, recorded in the export.
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        knn: Mapping[str, Any] | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone_cfg = dict(backbone)
+        self.optim_cfg = dict(optim)
+        self.knn_cfg = dict(knn or {"k": 20, "temperature": 0.07})
+        self.channels_last = channels_last
+        self.compile_backbone = compile
+        self.image_size = image_size
+        self.backbone = create_backbone(**self.backbone_cfg)
+        self.train_loss = MeanMetric()
+        self.train_std = MeanMetric()
+        self._knn_features: list[list[Tensor]] = [[], []]
+        self._knn_labels: list[list[Tensor]] = [[], []]
+
+    # -- to implement -------------------------------------------------------------------
+    def ssl_step(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Computes the method's loss on one batch of views.
+
+        Returns:
+            ``(loss, embeddings, extra)``: embeddings (N, D) feed the collapse indicator;
+            ``extra`` holds further per-step scalars (logged as epoch means).
+        """
+        raise NotImplementedError
+
+    def head_modules(self) -> list[nn.Module]:
+        """Trainable modules besides the backbone (projectors, predictors)."""
+        return []
+
+    # -- shared -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.compile_backbone:
+            # Static shapes: one graph per resolution, no dynamic-shape recompilation.
+            self.backbone.compile(dynamic=False)
+
+    def features(self, images: Tensor) -> Tensor:
+        """Pooled backbone features (N, C)."""
+        return self.backbone(to_channels_last(images, self.channels_last))
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        views = batch["views"]
+        loss, embeddings, extra = self.ssl_step(views)
+        batch_size = views[0].shape[0]
+        self.train_loss.update(loss.detach())
+        with torch.no_grad():
+            self.train_std.update(embedding_std(embeddings.detach()))
+        self.log(
+            "train/loss_step", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size
+        )
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/embedding_std", self.train_std, on_step=False, on_epoch=True)
+        for name, metric in self.extra_metrics.items():
+            metric.update(extra[name].detach())
+            self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
+        return loss
+
+    @property
+    def extra_metrics(self) -> nn.ModuleDict:
+        """Epoch-mean metrics of the ``extra`` scalars; subclasses create them in __init__."""
+        return getattr(self, "_extra_metrics", nn.ModuleDict())
+
+    # -- kNN monitor (validation) -------------------------------------------------------
+    def validation_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Loader 0 is the labeled memory bank, loader 1 the queries."""
+        if not batch.get("image", torch.empty(0)).numel():
+            return
+        features = self.features(batch["image"]).float()
+        labels = torch.stack([batch["target"][t.name] for t in self.knn_tasks], dim=1)
+        self._knn_features[dataloader_idx].append(features)
+        self._knn_labels[dataloader_idx].append(labels)
+
+    @property
+    def knn_tasks(self) -> list:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return list(getattr(datamodule, "knn_tasks", []))
+
+    def on_validation_epoch_end(self) -> None:
+        bank_parts, query_parts = self._knn_features
+        try:
+            if not bank_parts or not query_parts:
+                return
+            bank = self._gather(torch.cat(bank_parts))
+            query = self._gather(torch.cat(query_parts))
+            bank_labels = self._gather(torch.cat(self._knn_labels[0]))
+            query_labels = self._gather(torch.cat(self._knn_labels[1]))
+            for column, task in enumerate(self.knn_tasks):
+                in_bank = bank_labels[:, column] >= 0
+                in_query = query_labels[:, column] >= 0
+                if not in_bank.any() or not in_query.any():
+                    continue
+                predicted = knn_predict(
+                    bank[in_bank],
+                    bank_labels[in_bank, column],
+                    query[in_query],
+                    task.num_classes,
+                    k=int(self.knn_cfg.get("k", 20)),
+                    temperature=float(self.knn_cfg.get("temperature", 0.07)),
+                )
+                accuracy = (predicted == query_labels[in_query, column]).float().mean()
+                self.log(f"knn/{task.name}/top1", accuracy, rank_zero_only=True)
+                chance = 1.0 / task.num_classes
+                self.log(f"knn/{task.name}/chance", chance, rank_zero_only=True)
+        finally:
+            # Nothing survives the epoch: the monitor's memory is bounded by one pass.
+            self._knn_features = [[], []]
+            self._knn_labels = [[], []]
+
+    def _gather(self, x: Tensor) -> Tensor:
+        if self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
+
+    # -- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        datamodule = self.trainer.datamodule
+        world, accumulate = trainer_world(self.trainer)
+        lr, multiplier = plan_lr(
+            self.optim_cfg, datamodule.schedule, datamodule.num_train_samples, world, accumulate
+        )
+        groups = decay_groups(self.backbone, self.optim_cfg["weight_decay"], tag="backbone")
+        for module in self.head_modules():
+            groups += decay_groups(module, self.optim_cfg["weight_decay"], tag="head")
+        optimizer = build_optimizer(groups, self.optim_cfg, lr)
+        scheduler = lambda_scheduler(optimizer, multiplier)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

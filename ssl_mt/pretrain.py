@@ -1,0 +1,61 @@
+"""Self-supervised pretraining app: ``python -m ssl_mt.pretrain [hydra overrides]``.
+
+Composes ``conf/pretrain.yaml``, trains the configured method (SimCLR by default) and
+exports the backbone as ``RUN/backbone.safetensors`` + ``backbone.json`` (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ssl_mt.config import CONF_DIR
+from ssl_mt.models.backbone import export_backbone
+from ssl_mt.runner import backbone_kwargs, build_trainer, prepare_run, resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig):
+    """The pretraining LightningModule of ``cfg.method``."""
+    return instantiate(
+        cfg.method,
+        backbone=backbone_kwargs(cfg.backbone),
+        optim=cfg.optim,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        image_size=int(cfg.schedule.stages[-1].size),
+        _recursive_=False,
+    )
+
+
+def run(cfg: DictConfig) -> Path:
+    """Trains and exports; returns the run directory."""
+    run_dir = prepare_run(cfg)
+    datamodule = instantiate(cfg.data, _recursive_=False)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    if trainer.is_global_zero:
+        out = export_backbone(
+            module.backbone,
+            cfg.backbone.name,
+            run_dir / cfg.export_name,
+            image_size=module.image_size,
+            extra={"method": cfg.method._target_.rsplit(".", 1)[-1], "epochs": trainer.current_epoch},
+        )
+        log.info("exported backbone to %s", out)
+    return run_dir
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

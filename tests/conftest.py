@@ -1,0 +1,27 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssl_mt.config import load_tasks_config
+from ssl_mt.data.synthetic import generate_dataset
+from ssl_mt.tasks import TaskSpec, parse_tasks
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset in the manifest format: 48 images of 64 px, seed 0.
+
+    Shared by the session: copy it (``shutil.copytree``) before modifying anything.
+    """
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    return generate_dataset(root, n=48, size=64, seed=0, workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_tasks() -> list[TaskSpec]:
+    """The five tasks of ``conf/tasks/default.yaml``."""
+    return parse_tasks(load_tasks_config("default"))
