@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
-from ssl_mt.runner import build_trainer, prepare_run, resolve_ckpt_path
+from ssl_mt.runner import build_trainer, plain, prepare_resume, prepare_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +27,28 @@ def build_module(cfg: DictConfig):
             "backbone.safetensors written by `python -m ssl_mt.pretrain`"
         )
     return instantiate(
-        cfg.model,
-        tasks=cfg.tasks,
-        backbone=cfg.backbone,
-        optim=cfg.optim,
-        weighting=cfg.weighting,
+        plain(cfg.model),
+        tasks=plain(cfg.tasks),
+        backbone=plain(cfg.backbone),
+        optim=plain(cfg.optim),
+        weighting=plain(cfg.weighting),
         eval_sizes=list(cfg.schedule.eval_sizes),
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         _recursive_=False,
+        _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )
 
 
 def run(cfg: DictConfig) -> Path:
     """Trains, then evaluates the best checkpoint on the test split when there is one."""
+    ckpt_path = resolve_ckpt_path(cfg)  # may move cfg.run_dir to the run it continues
     run_dir = prepare_run(cfg)
-    datamodule = instantiate(cfg.data, _recursive_=False)
+    prepare_resume(cfg, ckpt_path)
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     module = build_module(cfg)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if cfg.test_after_fit and datamodule.samples.get("test"):
         trainer.test(module, datamodule=datamodule, ckpt_path="best")
     return run_dir

@@ -15,7 +15,14 @@ from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
 from ssl_mt.models.backbone import export_backbone
-from ssl_mt.runner import backbone_kwargs, build_trainer, prepare_run, resolve_ckpt_path
+from ssl_mt.runner import (
+    backbone_kwargs,
+    build_trainer,
+    plain,
+    prepare_resume,
+    prepare_run,
+    resolve_ckpt_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,23 +30,26 @@ log = logging.getLogger(__name__)
 def build_module(cfg: DictConfig):
     """The pretraining LightningModule of ``cfg.method``."""
     return instantiate(
-        cfg.method,
+        plain(cfg.method),
         backbone=backbone_kwargs(cfg.backbone),
-        optim=cfg.optim,
+        optim=plain(cfg.optim),
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         image_size=int(cfg.schedule.stages[-1].size),
         _recursive_=False,
+        _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )
 
 
 def run(cfg: DictConfig) -> Path:
     """Trains and exports; returns the run directory."""
+    ckpt_path = resolve_ckpt_path(cfg)  # may move cfg.run_dir to the run it continues
     run_dir = prepare_run(cfg)
-    datamodule = instantiate(cfg.data, _recursive_=False)
+    prepare_resume(cfg, ckpt_path)
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     module = build_module(cfg)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         out = export_backbone(
             module.backbone,

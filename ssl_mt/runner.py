@@ -10,9 +10,16 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssl_mt.callbacks.bad_samples import BadSampleLog
+from ssl_mt.checkpointing import (
+    LAST,
+    AtomicCheckpointIO,
+    is_loadable,
+    latest_run_with_checkpoint,
+)
+from ssl_mt.loggers import EpochMetricsInCheckpoint, restore_epoch_row, truncate_after
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +42,102 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
     return instantiate(
         cfg.trainer,
         logger=loggers or False,
-        callbacks=[*configured, BadSampleLog(run_dir / "bad_samples.txt"), *callbacks],
+        callbacks=[
+            *configured,
+            BadSampleLog(run_dir / "bad_samples.txt"),
+            EpochMetricsInCheckpoint(),
+            *callbacks,
+        ],
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``: null → None; ``last`` → RUN/checkpoints/last.ckpt; else an existing path."""
+    """The checkpoint to resume from, per ``cfg.ckpt_path``.
+
+    - ``auto`` (default): RUN/checkpoints/last.ckpt when this run directory has one (so
+      re-running the same command with the same ``hydra.run.dir`` resumes), else a new run;
+    - ``last``: the same, and when this (new, timestamped) run directory has none, the most
+      recent run of the same app and experiment — whose directory this run then continues;
+    - ``null``: a new run; any other value: that checkpoint file.
+
+    The run directory may change (``last``), so ``cfg.run_dir`` is updated in place.
+    """
     value = cfg.get("ckpt_path")
-    if value in (None, ""):
+    if value in (None, "", "null"):
         return None
-    if value == "last":
-        path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+    run_dir = Path(cfg.run_dir)
+    own = run_dir / "checkpoints" / LAST
+    if value in ("auto", "last"):
+        if own.is_file() and is_loadable(own):
+            return str(own)
+        if value == "auto":
+            return None
+        previous = latest_run_with_checkpoint(run_dir.parent, exclude=run_dir)
+        if previous is None:
             raise FileNotFoundError(
-                f"ckpt_path=last but {path} does not exist: resume needs the run's directory "
-                "(hydra.run.dir=THAT_RUN)"
+                f"ckpt_path=last: no loadable checkpoints/{LAST} in {run_dir} nor in any run "
+                f"below {run_dir.parent}"
             )
-        return str(path)
+        log.info("resuming the run in %s", previous)
+        _abandon_fresh_run_dir(run_dir)
+        cfg.run_dir = str(previous)
+        return str(previous / "checkpoints" / LAST)
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file")
     return str(path)
 
 
+def _abandon_fresh_run_dir(run_dir: Path) -> None:
+    """Removes the folder Hydra just created for a run that continues another one."""
+    fresh = {".hydra", f"{run_dir.name}.log"} | {p.name for p in run_dir.glob("*.log")}
+    if run_dir.is_dir() and all(p.name in fresh for p in run_dir.iterdir()):
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def prepare_resume(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Before resuming, drops the log rows written after the checkpoint (kept otherwise)."""
+    metrics = Path(cfg.run_dir) / "metrics.csv"
+    if ckpt_path is None:
+        if metrics.is_file():  # a run killed before its first checkpoint: it starts over
+            aside = metrics.with_name(f"metrics.before-restart-{int(metrics.stat().st_mtime)}.csv")
+            metrics.replace(aside)
+            log.warning(
+                "no checkpoint to resume from in %s: the run starts over; its old log is kept as %s",
+                cfg.run_dir,
+                aside.name,
+            )
+        return
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    epoch, step = int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
+    dropped = truncate_after(metrics, epoch, step)
+    if restore_epoch_row(metrics, checkpoint):
+        log.info(
+            "epoch %d's log row was written from the checkpoint (the run died before writing it)",
+            epoch,
+        )
+    log.info(
+        "resuming from %s (epoch %d, step %d); %d log rows after it dropped",
+        ckpt_path,
+        epoch,
+        step,
+        dropped,
+    )
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (checkpoints load with ``weights_only``)."""
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
 def backbone_kwargs(backbone_cfg: Any) -> dict[str, Any]:
     """The ``backbone`` config as :func:`ssl_mt.models.backbone.create_backbone` arguments."""
-    kwargs = dict(backbone_cfg)
+    kwargs = dict(plain(backbone_cfg))
     kwargs.pop("decoder_channels", None)
     return kwargs

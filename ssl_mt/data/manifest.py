@@ -67,7 +67,7 @@ def read_table(root: Path) -> pd.DataFrame:
         raise ManifestError(f"no manifest at {path}: a dataset root needs {MANIFEST_NAME}")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path}: not a readable csv ({error})") from error
     table.columns = [c.strip() for c in table.columns]
     if "image" not in table.columns:

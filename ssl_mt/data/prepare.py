@@ -202,7 +202,8 @@ def _resize_mask(
             else "not single-channel or not its image's size"
         )
         return f"{where}: mask {source} is {reason}"
-    _write(target, cv2.resize(array, new_hw[::-1], interpolation=cv2.INTER_NEAREST))
+    # NEAREST_EXACT samples pixel centres like the image resize; plain NEAREST shifts masks.
+    _write(target, cv2.resize(array, new_hw[::-1], interpolation=cv2.INTER_NEAREST_EXACT))
     return None
 
 

@@ -11,8 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import albumentations as A
+import cv2
 from albumentations.pytorch import ToTensorV2
 from hydra.utils import instantiate
+
+# Nearest neighbour that samples pixel centres like the bilinear image resize does.
+_MASK_RESIZE = cv2.INTER_NEAREST_EXACT
 
 
 def _normalize(cfg: Mapping[str, Any]) -> list[A.BasicTransform]:
@@ -77,7 +81,9 @@ def build_finetune_transform(
     """Joint image + masks pipeline for fine-tuning and evaluation.
 
     Geometric operations only, so labels (tone, blur) stay true. Masks passed as
-    ``masks=[...]`` move with the image and are resampled with nearest neighbour.
+    ``masks=[...]`` move with the image and are resampled with nearest neighbour
+    (``INTER_NEAREST_EXACT``: OpenCV's plain ``INTER_NEAREST`` resize is shifted by up to
+    half a source pixel against the bilinear image, misaligning masks by whole output pixels).
 
     Args:
         cfg: The ``finetune`` augment config.
@@ -88,14 +94,17 @@ def build_finetune_transform(
     if strength < 0:
         raise ValueError(f"augmentation strength must be >= 0, got {strength}")
     if not train:
-        return A.Compose([A.Resize(size, size), *_normalize(cfg)])
+        return A.Compose([A.Resize(size, size, mask_interpolation=_MASK_RESIZE), *_normalize(cfg)])
     low, high = cfg["crop_scale"]
     crop_low = min(1.0, 1.0 - strength * (1.0 - low))
     zoom_low, zoom_high = cfg["scale"]
     translate = cfg["translate"] * strength
     ops: list[A.BasicTransform] = [
         A.RandomResizedCrop(
-            size=(size, size), scale=(crop_low, high), ratio=tuple(cfg["crop_ratio"])
+            size=(size, size),
+            scale=(crop_low, high),
+            ratio=tuple(cfg["crop_ratio"]),
+            mask_interpolation=_MASK_RESIZE,
         ),
         A.HorizontalFlip(p=cfg["hflip"]),
     ]

@@ -132,9 +132,10 @@ class MultiTaskModule(L.LightningModule):
         return int(self.optim_cfg.get("freeze_backbone_epochs", 0) or 0)
 
     def on_train_epoch_start(self) -> None:
-        # A frozen encoder (lr 0) also keeps its BatchNorm statistics.
-        if self.current_epoch < self.freeze_epochs:
-            self.net.encoder.eval()
+        # A frozen encoder (lr 0) also keeps its BatchNorm statistics. Set the mode every
+        # epoch: validation restores the modes it found, so an encoder left in eval mode
+        # would stay there (frozen BatchNorm statistics) for the rest of the run.
+        self.net.encoder.train(self.current_epoch >= self.freeze_epochs)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         if "image" not in batch:  # every sample of the batch was skipped as bad
