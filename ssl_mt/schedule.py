@@ -92,10 +92,14 @@ class ResolutionSchedule:
         return list(self.starts[1:])
 
     def optimizer_steps(self, n_train: int, world_size: int, accumulate: int) -> list[int]:
-        """Optimiser steps in each stage, with ``drop_last`` batching on every rank."""
+        """Optimiser steps in each stage, with ``drop_last`` batching on every rank.
+
+        The train loaders shard with a ``drop_last`` ``DistributedSampler``: every rank gets
+        ``n_train // world_size`` samples (not the ceiling, which pads by repeating samples).
+        """
         steps = []
         for stage in self.stages:
-            per_rank = math.ceil(n_train / world_size) if world_size > 1 else n_train
+            per_rank = n_train // world_size
             batches = per_rank // stage.batch_size
             steps.append(stage.epochs * math.ceil(batches / accumulate))
         return steps

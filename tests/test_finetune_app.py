@@ -1,0 +1,354 @@
+"""The fine-tuning app end to end: composed config → run dir with metrics, predictions, ckpt.
+
+Also: SSL weights reach the encoder, weighting strategies run and log their weights, and
+bad configs fail before any training step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import pandas as pd
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
+
+from ssl_mt.config import CONF_DIR, register_resolvers
+from ssl_mt.finetune import build_module, run
+from ssl_mt.models.backbone import BackboneError
+from ssl_mt.schedule import ScheduleError
+
+TASKS = ("skin", "scalp", "blur", "tone", "relevance")
+SEG = ("skin", "scalp")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CI box has 2 shared cores; intra-op threads only fight each other there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_finetune(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="finetune", overrides=["run_dir=/tmp/unused", *overrides])
+
+
+def quick_cfg(root: Path, run_dir: Path, *extra: str):
+    return compose_finetune(
+        [
+            "experiment=quick",
+            f"data.root={root}",
+            f"run_dir={run_dir}",
+            "ckpt_path=null",
+            "++trainer.enable_progress_bar=false",
+            "data.num_workers=0",
+            "data.pin_memory=false",
+            *extra,
+        ]
+    )
+
+
+def _cause_chain(error: BaseException) -> list[BaseException]:
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def metrics(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "metrics.csv")
+
+
+# -- one real run: logs per evaluation resolution --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(synthetic_root, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finetune_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = quick_cfg(
+            synthetic_root,
+            run_dir,
+            "schedule.stages=[{size:32,epochs:1,batch_size:8},{size:64,epochs:1,batch_size:8}]",
+            "schedule.eval_sizes=[32,64]",
+        )
+        assert run(cfg) == run_dir
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+def test_validation_metrics_exist_for_every_eval_resolution(two_stage_run: Path):
+    df = metrics(two_stage_run)
+    expected = {
+        "skin": {"loss", "iou", "dice"},
+        "scalp": {"loss", "iou", "dice"},
+        "blur": {"loss", "top1", "f1"},
+        "tone": {"loss", "top1", "top5", "f1"},
+        "relevance": {"loss", "top1", "f1"},
+    }
+    for size in (32, 64):
+        assert f"val/{size}/global/loss" in df.columns
+        for task, names in expected.items():
+            logged = {c.split("/")[-1] for c in df.columns if c.startswith(f"val/{size}/{task}/")}
+            assert logged == names, f"val/{size}/{task}: {sorted(logged)}"
+        # One value per validation epoch (two epochs), all finite.
+        for column in [c for c in df.columns if c.startswith(f"val/{size}/")]:
+            values = df[column].dropna()
+            assert len(values) == 2, column
+            assert values.map(math.isfinite).all(), column
+    for task in TASKS:
+        assert f"train/{task}/loss" in df.columns
+        assert f"weights/{task}" in df.columns
+    assert "train/global/loss" in df.columns
+
+
+def test_global_loss_is_the_sum_of_task_losses_at_that_resolution(two_stage_run: Path):
+    df = metrics(two_stage_run)
+    for size in (32, 64):
+        rows = df[df[f"val/{size}/global/loss"].notna()]
+        assert len(rows) == 2
+        for _, row in rows.iterrows():
+            task_sum = sum(row[f"val/{size}/{task}/loss"] for task in TASKS)
+            assert row[f"val/{size}/global/loss"] == pytest.approx(task_sum, rel=1e-5)
+    # The train-side global loss too (unweighted sum of the task losses).
+    rows = df[df["train/global/loss"].notna()]
+    for _, row in rows.iterrows():
+        task_sum = sum(row[f"train/{task}/loss"] for task in TASKS)
+        assert row["train/global/loss"] == pytest.approx(task_sum, rel=1e-5)
+
+
+def test_train_size_follows_the_schedule(two_stage_run: Path):
+    df = metrics(two_stage_run)
+    rows = df[df["train/size"].notna()]
+    by_epoch = dict(zip(rows["epoch"].astype(int), rows["train/size"], strict=True))
+    assert by_epoch == {0: 32.0, 1: 64.0}
+    batch = df[df["train/batch_size"].notna()]
+    assert set(batch["train/batch_size"]) == {8.0}
+    stages = df[df["train/stage"].notna()]
+    assert dict(zip(stages["epoch"].astype(int), stages["train/stage"], strict=True)) == {
+        0: 0.0,
+        1: 1.0,
+    }
+
+
+def test_run_writes_predictions_per_eval_size_and_checkpoints(two_stage_run: Path):
+    predictions = two_stage_run / "predictions"
+    for epoch in (0, 1):
+        for size in (32, 64):
+            path = predictions / f"epoch{epoch:03d}_{size}.png"
+            assert path.is_file(), sorted(p.name for p in predictions.iterdir())
+            picture = cv2.imread(str(path))
+            assert picture is not None and picture.shape[0] > size
+    last = two_stage_run / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1
+    assert any(k.startswith("net.encoder.") for k in state["state_dict"])
+    assert any(p.name.startswith("best_epoch") for p in (two_stage_run / "checkpoints").iterdir())
+
+
+# -- weighting strategies in the module ----------------------------------------------------------
+
+
+def _short_run(root: Path, run_dir: Path, *extra: str) -> pd.DataFrame:
+    cfg = quick_cfg(
+        root,
+        run_dir,
+        "schedule.stages=[{size:32,epochs:3,batch_size:8}]",
+        "schedule.eval_sizes=[32]",
+        "logger=[csv]",
+        "~callbacks.predictions",
+        "++trainer.limit_train_batches=2",
+        "++trainer.limit_val_batches=1",
+        "test_after_fit=false",
+        *extra,
+    )
+    run(cfg)
+    return metrics(run_dir)
+
+
+def _weights(df: pd.DataFrame) -> pd.DataFrame:
+    rows = df[df["weights/skin"].notna()].sort_values("epoch")
+    assert list(rows["epoch"].astype(int)) == [0, 1, 2]
+    return rows[[f"weights/{t}" for t in TASKS]].reset_index(drop=True)
+
+
+def test_fixed_weighting_logs_the_configured_loss_weights(synthetic_root, tmp_path):
+    df = _short_run(synthetic_root, tmp_path, "weighting=fixed", "tasks.blur.loss_weight=2.5")
+    weights = _weights(df)
+    assert (weights["weights/blur"] == 2.5).all()
+    assert (weights.drop(columns="weights/blur") == 1.0).all().all()
+    # total_loss is the weighted sum; global the unweighted one: they differ.
+    rows = df[df["train/total_loss"].notna()]
+    assert (rows["train/total_loss"] != rows["train/global/loss"]).all()
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "famo"])
+def test_adaptive_weighting_runs_and_logs_weights(synthetic_root, tmp_path, weighting):
+    df = _short_run(synthetic_root, tmp_path, f"weighting={weighting}")
+    weights = _weights(df)
+    assert weights.map(math.isfinite).all().all()
+    assert (weights > 0).all().all()
+    for task in TASKS:
+        losses = df[f"train/{task}/loss"].dropna()
+        assert len(losses) == 3 and losses.map(math.isfinite).all()
+    assert df["val/32/global/loss"].dropna().map(math.isfinite).all()
+    if weighting == "dwa":
+        # Weights are 1 for the first two epochs, then follow the loss ratios (sum = K).
+        assert (weights.iloc[:2] == 1.0).all().all()
+        assert not (weights.iloc[2] == 1.0).all()
+        assert weights.iloc[2].sum() == pytest.approx(len(TASKS), rel=1e-5)
+    else:
+        # Learned weights move away from their start in the first steps.
+        assert not (weights.iloc[-1] == 1.0).all()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+# -- SSL weights reach the encoder ---------------------------------------------------------------
+
+
+def _ssl_export(path: Path) -> dict[str, torch.Tensor]:
+    """A plain timm state dict of test_efficientnet whose every tensor differs from an init."""
+    model = timm.create_model("test_efficientnet", num_classes=0)
+    gen = torch.Generator().manual_seed(123)
+    state = {}
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            state[key] = (value + 0.5 + torch.rand(value.shape, generator=gen)).contiguous()
+        else:
+            state[key] = torch.full_like(value, 7)
+    save_file(state, str(path))
+    return state
+
+
+def test_backbone_weights_are_loaded_into_the_encoder(tmp_path):
+    exported = _ssl_export(tmp_path / "backbone.safetensors")
+    random_module = build_module(quick_cfg(tmp_path, tmp_path / "a"))
+    loaded_module = build_module(
+        quick_cfg(tmp_path, tmp_path / "b", f"backbone.weights={tmp_path / 'backbone.safetensors'}")
+    )
+    random_state = random_module.net.encoder_state_for_timm()
+    loaded_state = loaded_module.net.encoder_state_for_timm()
+    n_encoder = len(loaded_module.net.timm_encoder.state_dict())
+    assert random_module.encoder_tensors_loaded == 0
+    assert loaded_module.encoder_tensors_loaded == n_encoder == len(loaded_state)
+    assert set(loaded_state) <= set(exported)
+    assert set(exported) - set(loaded_state), "the export has tensors (the head) the encoder lacks"
+    for key, value in loaded_state.items():
+        torch.testing.assert_close(value, exported[key], rtol=0, atol=0, msg=key)
+        assert not torch.equal(random_state[key], exported[key]), key
+    # Decoder and heads are untouched by the export: same shapes, still random.
+    assert loaded_module.net.heads["tone"].fc.weight.abs().max() < 1.0
+
+
+def test_backbone_weights_of_another_model_name_the_mismatched_keys(tmp_path):
+    other = timm.create_model("test_resnet", num_classes=0)
+    save_file(
+        {k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "r.safetensors")
+    )
+    cfg = quick_cfg(tmp_path, tmp_path / "run", f"backbone.weights={tmp_path / 'r.safetensors'}")
+    # Hydra's instantiate wraps the error; the message and the cause are the BackboneError's.
+    with pytest.raises(
+        Exception, match=r"(?s)does not fit.*missing key\(s\).*conv_stem\.weight"
+    ) as info:
+        build_module(cfg)
+    assert any(isinstance(e, BackboneError) for e in _cause_chain(info.value))
+
+
+def test_backbone_weights_with_a_wrong_shape_name_the_key(tmp_path):
+    exported = _ssl_export(tmp_path / "ok.safetensors")
+    exported["conv_stem.weight"] = torch.zeros(5, 3, 3, 3)
+    save_file(exported, str(tmp_path / "bad.safetensors"))
+    cfg = quick_cfg(tmp_path, tmp_path / "run", f"backbone.weights={tmp_path / 'bad.safetensors'}")
+    with pytest.raises(
+        Exception, match=r"shape mismatch.*conv_stem\.weight: file \(5, 3, 3, 3\)"
+    ) as info:
+        build_module(cfg)
+    assert any(isinstance(e, BackboneError) for e in _cause_chain(info.value))
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    cfg = quick_cfg(
+        tmp_path, tmp_path / "run", f"backbone.weights={tmp_path / 'nothere.safetensors'}"
+    )
+    with pytest.raises(Exception, match=r"weights file not found: .*nothere\.safetensors") as info:
+        build_module(cfg)
+    assert any(isinstance(e, FileNotFoundError) for e in _cause_chain(info.value))
+
+
+def test_mt_ssl_without_weights_refuses_to_start(tmp_path):
+    cfg = compose_finetune(["experiment=mt_ssl", f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"experiment=mt_ssl needs backbone\.weights=PATH"):
+        build_module(cfg)
+    with pytest.raises(ValueError, match=r"backbone\.weights"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# -- bad configs fail before training ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        (
+            "schedule.stages=[{size:32,epochs:0,batch_size:8}]",
+            ScheduleError,
+            r"stages\[0\]\.epochs must be >= 1, got 0",
+        ),
+        (
+            "schedule.stages=[{size:48,epochs:1,batch_size:8}]",
+            ScheduleError,
+            r"size=48: the encoder needs a multiple of 32 \(e\.g\. 64\)",
+        ),
+        ("schedule.eval_sizes=[32,100]", ValueError, r"each a multiple of 32"),
+    ],
+    ids=["zero-epochs", "stage-size", "eval-size"],
+)
+def test_bad_schedule_fails_before_training(synthetic_root, tmp_path, override, error, match):
+    cfg = quick_cfg(synthetic_root, tmp_path, override)
+    with pytest.raises(Exception, match=match) as info:
+        run(cfg)
+    assert any(isinstance(e, error) for e in _cause_chain(info.value))
+    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_task_without_a_csv_column_fails_before_training(synthetic_root, tmp_path):
+    cfg = quick_cfg(
+        synthetic_root,
+        tmp_path,
+        "+tasks.age={kind:classification,column:age_group,classes:[young,old]}",
+    )
+    with pytest.raises(Exception, match=r"no column for task\(s\) age \(column 'age_group'\)"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_decoder_that_cannot_take_the_size_fails_opaquely_so_the_config_refuses_it(
+    synthetic_root, tmp_path
+):
+    """Why the 32-multiple rule exists: an FPN decoder adds misaligned maps at 48 px.
+
+    (smp's U-Net resizes each upsampled map to its skip connection, so it runs, misaligned.)
+    """
+    module = build_module(compose_finetune(["experiment=quick", "model=fpn"]))
+    module(torch.randn(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match="must match the size"):
+        module(torch.randn(1, 3, 48, 48))
+    cfg = quick_cfg(
+        synthetic_root, tmp_path, "model=fpn", "schedule.stages=[{size:48,epochs:1,batch_size:8}]"
+    )
+    with pytest.raises(Exception, match=r"multiple of 32 \(e\.g\. 64\)"):
+        run(cfg)
