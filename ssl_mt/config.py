@@ -62,3 +62,40 @@ def load_tasks_config(name_or_path: str | Path = "default") -> DictConfig:
 
 
 register_resolvers()
+
+
+class ConfigKeyError(KeyError):
+    """A config holds a key the app does not know (usually a typo in an experiment file)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+def check_top_level_keys(cfg: DictConfig, app: str) -> None:
+    """Fails on a top-level key the app does not define, naming it and close matches.
+
+    Command-line typos are caught by Hydra's struct mode; this catches the ones in YAML
+    files (an experiment adding ``seeed: 1`` would otherwise be silently ignored).
+    """
+    import difflib
+
+    primary = OmegaConf.load(CONF_DIR / f"{app}.yaml")
+    groups = {
+        next(iter(entry)).split("@")[0].lstrip("/")
+        for entry in OmegaConf.to_container(primary.get("defaults", []))
+        if isinstance(entry, dict)
+    }
+    known = (set(primary.keys()) - {"defaults"}) | groups | {"hydra"}
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigKeyError(f"unknown config key {key!r} for the {app} app.{hint}")
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Type checks of the app-level settings (groups are checked by their constructors)."""
+    expected = {"seed": int, "channels_last": bool, "compile": bool, "experiment_name": str}
+    for key, kind in expected.items():
+        if key in cfg and not isinstance(cfg[key], kind):
+            raise TypeError(f"config key {key!r} must be {kind.__name__}, got {cfg[key]!r}")

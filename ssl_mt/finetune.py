@@ -19,13 +19,18 @@ from ssl_mt.runner import build_trainer, plain, prepare_resume, prepare_run, res
 log = logging.getLogger(__name__)
 
 
-def build_module(cfg: DictConfig):
-    """The :class:`~ssl_mt.models.multitask.MultiTaskModule` of ``cfg.model``."""
+def check_backbone_init(cfg: DictConfig) -> None:
+    """An experiment that promises SSL weights (``mt_ssl``) must be given them."""
     if cfg.require_backbone_weights and not cfg.backbone.weights:
         raise ValueError(
             f"experiment={cfg.experiment_name} needs backbone.weights=PATH: the "
             "backbone.safetensors written by `python -m ssl_mt.pretrain`"
         )
+
+
+def build_module(cfg: DictConfig):
+    """The :class:`~ssl_mt.models.multitask.MultiTaskModule` of ``cfg.model``."""
+    check_backbone_init(cfg)
     return instantiate(
         plain(cfg.model),
         tasks=plain(cfg.tasks),
@@ -35,6 +40,7 @@ def build_module(cfg: DictConfig):
         eval_sizes=list(cfg.schedule.eval_sizes),
         channels_last=cfg.channels_last,
         compile=cfg.compile,
+        nonfinite=plain(cfg.nonfinite),
         _recursive_=False,
         _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )
@@ -42,10 +48,12 @@ def build_module(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> Path:
     """Trains, then evaluates the best checkpoint on the test split when there is one."""
+    check_backbone_init(cfg)
     ckpt_path = resolve_ckpt_path(cfg)  # may move cfg.run_dir to the run it continues
     run_dir = prepare_run(cfg)
     prepare_resume(cfg, ckpt_path)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    datamodule.setup("fit")  # manifest errors surface now, before any model is built
     module = build_module(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -35,6 +35,7 @@ def build_module(cfg: DictConfig):
         optim=plain(cfg.optim),
         channels_last=cfg.channels_last,
         compile=cfg.compile,
+        nonfinite=plain(cfg.nonfinite),
         image_size=int(cfg.schedule.stages[-1].size),
         _recursive_=False,
         _convert_="all",  # plain containers in the checkpoint's hyper-parameters
@@ -47,6 +48,7 @@ def run(cfg: DictConfig) -> Path:
     run_dir = prepare_run(cfg)
     prepare_resume(cfg, ckpt_path)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    datamodule.setup("fit")  # manifest errors surface now, before any model is built
     module = build_module(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,10 @@ class ProgressiveResolution(L.Callback):
         epoch = trainer.current_epoch
         index = schedule.index_at(epoch)
         stage = schedule.stages[index]
+        if epoch == schedule.starts[index] and index > 0 and pl_module.device.type == "cuda":
+            # The previous size's cached blocks do not fit the new shapes: hand them back
+            # rather than let the allocator keep both sets.
+            torch.cuda.empty_cache()
         if epoch == schedule.starts[index] and (index > 0 or epoch == 0):
             log.info(
                 "epoch %d: stage %d/%d, %d px, batch %d per device, aug strength %.2f",

@@ -16,13 +16,13 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from ssl_mt.losses.task_losses import build_task_loss
 from ssl_mt.losses.weighting import build_weighting
 from ssl_mt.models.multitask_net import MultiTaskNet
+from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.ssl_base import to_channels_last
-from ssl_mt.models.task_metrics import task_metrics, update_task_metrics
+from ssl_mt.models.task_metrics import step_mean, task_metrics, update_task_metrics
 from ssl_mt.optim import build_optimizer, decay_groups, lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.tasks import parse_tasks
 
@@ -44,6 +44,7 @@ class MultiTaskModule(L.LightningModule):
         eval_sizes: Evaluation resolutions, in the order of the validation loaders.
         channels_last: NHWC memory format.
         compile: ``torch.compile(dynamic=False)``: one static graph per input shape.
+        nonfinite: NaN/Inf loss handling (``policy``: raise | skip, ``check_every_n_steps``).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class MultiTaskModule(L.LightningModule):
         head_dropout: float = 0.2,
         channels_last: bool = True,
         compile: bool = False,
+        nonfinite: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -91,9 +93,10 @@ class MultiTaskModule(L.LightningModule):
             {t.name: t.loss_weight for t in self.tasks},
             **weighting,
         )
-        self.train_task_loss = nn.ModuleDict({t.name: MeanMetric() for t in self.tasks})
-        self.train_weight = nn.ModuleDict({t.name: MeanMetric() for t in self.tasks})
-        self.train_total = MeanMetric()
+        self.nonfinite = NonFiniteGuard(**dict(nonfinite or {}))
+        self.train_task_loss = nn.ModuleDict({t.name: step_mean() for t in self.tasks})
+        self.train_weight = nn.ModuleDict({t.name: step_mean() for t in self.tasks})
+        self.train_total = step_mean()
         self.val_metrics = nn.ModuleDict(
             {
                 str(size): nn.ModuleDict({t.name: task_metrics(t) for t in self.tasks})
@@ -142,6 +145,8 @@ class MultiTaskModule(L.LightningModule):
             return None
         outputs = self(batch["image"])
         losses = self.task_losses(outputs, batch)
+        if guard_step(self, losses):
+            return None
         present = {name: flags.any() for name, flags in batch["present"].items()}
         total, weights = self.weighting(losses, present)
         batch_size = batch["image"].shape[0]

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from ssl_mt.losses.nt_xent import NTXentLoss, nt_xent_logits
 from ssl_mt.models.heads import ProjectionHead
 from ssl_mt.models.ssl_base import SSLModule
+from ssl_mt.models.task_metrics import step_mean
 
 
 class SimCLRModule(SSLModule):
@@ -38,7 +38,7 @@ class SimCLRModule(SSLModule):
         self.save_hyperparameters()
         self.criterion = NTXentLoss(temperature)  # validates the temperature
         self.projector = ProjectionHead(self.backbone.num_features, **dict(projection))
-        self._extra_metrics = nn.ModuleDict({"contrastive_top1": MeanMetric()})
+        self._extra_metrics = nn.ModuleDict({"contrastive_top1": step_mean()})
 
     def head_modules(self) -> list[nn.Module]:
         return [self.projector]

@@ -13,10 +13,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from ssl_mt.models.backbone import create_backbone
 from ssl_mt.models.knn import embedding_std, knn_predict
+from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
+from ssl_mt.models.task_metrics import step_mean
 from ssl_mt.optim import build_optimizer, decay_groups, lambda_scheduler, plan_lr, trainer_world
 
 
@@ -36,6 +37,7 @@ class SSLModule(L.LightningModule):
         channels_last: Run convolutions in NHWC memory format (faster with bf16 on GPUs).
         compile: ``torch.compile`` the backbone with static shapes (``dynamic=False``).
         image_size: Training resolution, recorded in the export.
+        nonfinite: NaN/Inf loss handling (``policy``: raise | skip, ``check_every_n_steps``).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class SSLModule(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         image_size: int | None = None,
+        nonfinite: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone_cfg = dict(backbone)
@@ -55,8 +58,9 @@ class SSLModule(L.LightningModule):
         self.compile_backbone = compile
         self.image_size = image_size
         self.backbone = create_backbone(**self.backbone_cfg)
-        self.train_loss = MeanMetric()
-        self.train_std = MeanMetric()
+        self.nonfinite = NonFiniteGuard(**dict(nonfinite or {}))
+        self.train_loss = step_mean()
+        self.train_std = step_mean()
         self._knn_features: list[list[Tensor]] = [[], []]
         self._knn_labels: list[list[Tensor]] = [[], []]
 
@@ -89,6 +93,8 @@ class SSLModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         views = batch["views"]
         loss, embeddings, extra = self.ssl_step(views)
+        if guard_step(self, {"loss": loss}):
+            return None
         batch_size = views[0].shape[0]
         self.train_loss.update(loss.detach())
         with torch.no_grad():

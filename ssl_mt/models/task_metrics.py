@@ -19,6 +19,15 @@ from torchmetrics.classification import (
 from ssl_mt.tasks import TaskSpec
 
 
+def step_mean() -> MeanMetric:
+    """An epoch mean updated every training step without a host-device synchronisation.
+
+    torchmetrics' default NaN check reads a boolean from the device on every update;
+    non-finite losses are the business of :class:`ssl_mt.models.nonfinite.NonFiniteGuard`.
+    """
+    return MeanMetric(nan_strategy="disable")
+
+
 def task_metrics(task: TaskSpec) -> nn.ModuleDict:
     """The metrics of one task (``loss`` included), by name."""
     metrics: dict[str, Metric] = {"loss": MeanMetric()}
