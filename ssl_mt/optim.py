@@ -47,25 +47,47 @@ def scaled_lr(base_lr: float, global_batch: int, rule: str, reference_batch: int
 
 
 def decay_groups(
-    module: nn.Module, weight_decay: float, lr_scale: float = 1.0, tag: str = ""
+    modules: nn.Module | Sequence[nn.Module],
+    weight_decay: float,
+    lr_scale: float = 1.0,
+    tag: str = "",
 ) -> list[dict[str, Any]]:
     """Two parameter groups: weights (with decay) and biases/norms (without).
 
-    Each group carries ``lr_scale`` (multiplies the scheduled lr) and ``tag`` (e.g.
-    ``backbone``), which :class:`WarmupCosine` uses for freezing.
+    Each group carries ``lr_scale`` (multiplies the scheduled lr), ``tag`` (e.g.
+    ``backbone``, which :class:`WarmupCosine` uses for freezing) and ``name`` (how
+    Lightning's LearningRateMonitor labels it; names must be unique per optimiser, so pass
+    all modules that share a tag in one call).
     """
+    if isinstance(modules, nn.Module):
+        modules = [modules]
     decay, no_decay = [], []
-    for param in module.parameters():
+    params = [p for module in modules for p in module.parameters()]
+    for param in params:
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 else decay).append(param)
     groups = []
     if decay:
         groups.append(
-            {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale, "tag": tag}
+            {
+                "params": decay,
+                "weight_decay": weight_decay,
+                "lr_scale": lr_scale,
+                "tag": tag,
+                "name": tag,
+            }
         )
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale, "tag": tag})
+        groups.append(
+            {
+                "params": no_decay,
+                "weight_decay": 0.0,
+                "lr_scale": lr_scale,
+                "tag": tag,
+                "name": f"{tag}_no_decay",
+            }
+        )
     return groups
 
 

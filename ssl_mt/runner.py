@@ -59,8 +59,9 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """The checkpoint to resume from, per ``cfg.ckpt_path``.
 
-    - ``auto`` (default): RUN/checkpoints/last.ckpt when this run directory has one (so
-      re-running the same command with the same ``hydra.run.dir`` resumes), else a new run;
+    - ``auto`` (default): RUN/checkpoints/last.ckpt (or a newer SLURM-requeue checkpoint
+      RUN/hpc_ckpt_N.ckpt) when this run directory has one — so re-running the same command
+      with the same ``hydra.run.dir`` resumes — else a new run;
     - ``last``: the same, and when this (new, timestamped) run directory has none, the most
       recent run of the same app and experiment — whose directory this run then continues;
     - ``null``: a new run; any other value: that checkpoint file.
@@ -73,8 +74,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     run_dir = Path(cfg.run_dir)
     own = run_dir / "checkpoints" / LAST
     if value in ("auto", "last"):
-        if own.is_file() and is_loadable(own):
-            return str(own)
+        newest = newest_loadable([own, *run_dir.glob("hpc_ckpt_*.ckpt")])
+        if newest is not None:
+            return str(newest)
         if value == "auto":
             return None
         previous = latest_run_with_checkpoint(run_dir.parent, exclude=run_dir)
@@ -91,6 +93,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file")
     return str(path)
+
+
+def newest_loadable(paths: list[Path]) -> Path | None:
+    """The most recent loadable checkpoint among ``paths``: last.ckpt, or the one Lightning
+    writes before a SLURM requeue (``hpc_ckpt_N.ckpt``), whichever is newer."""
+    existing = sorted(
+        (p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    return next((p for p in existing if is_loadable(p)), None)
 
 
 def _abandon_fresh_run_dir(run_dir: Path) -> None:

@@ -243,10 +243,12 @@ class MultiTaskModule(L.LightningModule):
             lr_scale=float(self.optim_cfg.get("backbone_lr_scale", 1.0)),
             tag="backbone",
         )
-        for name in ("decoder", "segmentation_head", "heads"):
-            module = getattr(self.net, name)
-            if module is not None:
-                groups += decay_groups(module, decay, tag="head")
+        heads = [
+            getattr(self.net, name)
+            for name in ("decoder", "segmentation_head", "heads")
+            if getattr(self.net, name) is not None
+        ]
+        groups += decay_groups(heads, decay, tag="head")
         groups += decay_groups(self.weighting, 0.0, tag="weighting")
         optimizer = build_optimizer(groups, self.optim_cfg, lr)
         scheduler = lambda_scheduler(optimizer, multiplier)

@@ -175,8 +175,7 @@ class SSLModule(L.LightningModule):
             self.optim_cfg, datamodule.schedule, datamodule.num_train_samples, world, accumulate
         )
         groups = decay_groups(self.backbone, self.optim_cfg["weight_decay"], tag="backbone")
-        for module in self.head_modules():
-            groups += decay_groups(module, self.optim_cfg["weight_decay"], tag="head")
+        groups += decay_groups(self.head_modules(), self.optim_cfg["weight_decay"], tag="head")
         optimizer = build_optimizer(groups, self.optim_cfg, lr)
         scheduler = lambda_scheduler(optimizer, multiplier)
         return {
