@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -85,3 +88,79 @@ def latest_run_with_checkpoint(experiment_dir: Path, exclude: Path | None = None
         if is_loadable(candidate):
             return candidate.parent.parent
     return None
+
+
+RNG_KEY = "ssl_mt_rng_state"
+
+
+class RNGStateInCheckpoint(L.Callback):
+    """Saves the random generators' states in every checkpoint and restores them on resume.
+
+    Lightning restores weights, optimiser, schedulers and loops, but not the global random
+    generators that dropout, stochastic depth and any on-device randomness draw from. With
+    them restored, a run resumed on one process continues bit for bit (data augmentation is
+    seeded per sample and does not depend on them). Under DDP only rank 0's state is in the
+    file, so each rank is reseeded from (rank 0's state, rank) instead.
+    """
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        # Tensors and plain scalars only: checkpoints must load with weights_only=True.
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            },
+            "python": {
+                "version": version,
+                "internal": torch.tensor(internal, dtype=torch.int64),
+                "gauss_next": gauss_next,
+            },
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[RNG_KEY] = state
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get(RNG_KEY)
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        numpy_state = state["numpy"]
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                numpy_state["keys"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["gauss"],
+            )
+        )
+        python_state = state["python"]
+        random.setstate(
+            (
+                python_state["version"],
+                tuple(python_state["internal"].tolist()),
+                python_state["gauss_next"],
+            )
+        )
+        if (
+            "cuda" in state
+            and torch.cuda.is_available()
+            and len(state["cuda"]) == torch.cuda.device_count()
+        ):
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if trainer.world_size > 1:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + 1_000_003 * trainer.global_rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)

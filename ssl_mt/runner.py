@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,14 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssl_mt.callbacks.bad_samples import BadSampleLog
 from ssl_mt.checkpointing import (
     LAST,
     AtomicCheckpointIO,
+    RNGStateInCheckpoint,
     is_loadable,
     latest_run_with_checkpoint,
 )
@@ -23,6 +26,15 @@ from ssl_mt.config import check_top_level_keys, check_types
 from ssl_mt.loggers import EpochMetricsInCheckpoint, restore_epoch_row, truncate_after
 
 log = logging.getLogger(__name__)
+
+
+# The datamodules resume a mid-epoch checkpoint at the next batch (EpochIndexSampler.skip_first),
+# which Lightning cannot see; its warning that the loader "is not resumable" does not apply.
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
+# Loaders are kept for a whole stage, not recreated per epoch (the case pytorch#91252 is about).
+warnings.filterwarnings("ignore", message=".*can lead to instability due to limitations in PyTorch")
 
 
 def prepare_run(cfg: DictConfig) -> Path:
@@ -42,6 +54,20 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
     configured = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     run_dir = Path(cfg.run_dir)
+    every = cfg.get("checkpoint_every_n_steps")
+    if every:
+        # No monitor: a step checkpoint must not wait for the next validation.
+        configured.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                filename="step{step:08d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=int(every),
+                save_top_k=1,
+                save_last=True,
+                enable_version_counter=False,  # one last.ckpt, shared with the epoch callback
+            )
+        )
     return instantiate(
         cfg.trainer,
         logger=loggers or False,
@@ -49,6 +75,7 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
             *configured,
             BadSampleLog(run_dir / "bad_samples.txt"),
             EpochMetricsInCheckpoint(),
+            RNGStateInCheckpoint(),
             *callbacks,
         ],
         plugins=[AtomicCheckpointIO()],

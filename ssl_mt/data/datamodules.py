@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_mt.data.datasets import (
@@ -22,7 +23,12 @@ from ssl_mt.data.datasets import (
     collate_samples,
 )
 from ssl_mt.data.manifest import MANIFEST_NAME, Sample, list_image_folder, load_manifest
-from ssl_mt.data.transforms import build_finetune_transform, build_ssl_view_transform
+from ssl_mt.data.transforms import (
+    ViewSpec,
+    build_finetune_transform,
+    build_ssl_view_transform,
+    build_ssl_view_transforms,
+)
 from ssl_mt.schedule import ResolutionSchedule
 from ssl_mt.tasks import TaskSpec, parse_tasks
 
@@ -73,6 +79,10 @@ class _LoaderSettings:
             prefetch_factor=self.prefetch_factor,
             drop_last=drop_last,
             collate_fn=collate_samples,
+            # Its own generator for the workers' base seed: creating an iterator then draws
+            # nothing from the global one, so persistent workers (one iterator per run, not
+            # per epoch) leave dropout's random stream as a resumed run will find it.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
 
@@ -81,6 +91,29 @@ def _world(module: L.LightningDataModule) -> tuple[int, int]:
     if trainer is None:
         return 1, 0
     return trainer.world_size, trainer.global_rank
+
+
+def _batches_done_in_epoch(module: L.LightningDataModule) -> int:
+    """Batches of the current epoch already trained when resuming from a mid-epoch checkpoint."""
+    trainer = module.trainer
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None or not fit_loop.restarting:
+        return 0
+    # `processed`, not `completed`: a checkpoint written in on_train_batch_end has trained its
+    # batch but not yet counted it as completed (Lightning completes it when it restarts).
+    return int(fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+def _resume_position(module: L.LightningDataModule, loader: DataLoader) -> DataLoader:
+    # Always: a restarting Lightning creates the epoch's iterator before it sets the sampler's
+    # epoch, and worker processes draw their first indices at once, so a resumed run with
+    # num_workers > 0 would otherwise replay epoch 0's order and augmentations.
+    if module.trainer is not None:
+        loader.sampler.set_epoch(module.trainer.current_epoch)
+    done = _batches_done_in_epoch(module)
+    if done:
+        loader.sampler.skip_first(done * loader.batch_size)
+    return loader
 
 
 def _require_split(samples: Sequence[Sample], split: str, root: Path) -> None:
@@ -191,7 +224,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                     "the stage's batch_size"
                 )
             self._train_loader = (index, loader)
-        return self._train_loader[1]
+        return _resume_position(self, self._train_loader[1])
 
     def _eval_loaders_for(self, split: str) -> list[DataLoader]:
         if split not in self._eval_loaders:
@@ -242,7 +275,9 @@ class SSLDataModule(L.LightningDataModule):
         tasks: The ``tasks`` config; used to read labels for the kNN monitor.
         knn_tasks: Classification tasks whose labels the kNN monitor predicts.
         knn_max_samples: Cap on the bank and query sizes (keeps the monitor cheap).
-        n_views: Views per image.
+        n_views: Views per image, all alike (used when ``views`` is None).
+        views: The method's view declaration (see :class:`ssl_mt.data.transforms.ViewSpec`):
+            global and local (multi-crop) views; replaces ``n_views``.
         source: ``auto`` (csv when present), ``manifest`` or ``folder``.
     """
 
@@ -256,6 +291,7 @@ class SSLDataModule(L.LightningDataModule):
         knn_tasks: Sequence[str] = (),
         knn_max_samples: int = 5000,
         n_views: int = 2,
+        views: Mapping[str, Any] | None = None,
         source: str = "auto",
         num_workers: int = 2,
         pin_memory: bool = True,
@@ -294,7 +330,8 @@ class SSLDataModule(L.LightningDataModule):
         if any(t.is_segmentation for t in self.knn_tasks):
             raise ValueError("data.knn_tasks must be classification tasks")
         self.knn_max_samples = knn_max_samples
-        self.n_views = n_views
+        self.view_spec = ViewSpec.from_config(views) if views is not None else None
+        self.n_views = self.view_spec.count if self.view_spec is not None else n_views
         self.source = source
         self.val_fraction = val_fraction
         self.on_bad_sample = on_bad_sample
@@ -349,6 +386,8 @@ class SSLDataModule(L.LightningDataModule):
         return len(self.images)
 
     def view_transforms(self, size: int) -> list:
+        if self.view_spec is not None:
+            return build_ssl_view_transforms(self.augment, size, self.view_spec)
         return [build_ssl_view_transform(self.augment, size)] * self.n_views
 
     def train_dataloader(self) -> DataLoader:
@@ -370,7 +409,7 @@ class SSLDataModule(L.LightningDataModule):
                     f"{stage.batch_size}: lower the stage's batch_size"
                 )
             self._train_loader = (index, loader)
-        return self._train_loader[1]
+        return _resume_position(self, self._train_loader[1])
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[bank, queries]`` for the kNN monitor, or no loader when there are no labels."""

@@ -33,10 +33,24 @@ class EpochIndexSampler(DistributedSampler):
     process), Lightning calls its ``set_epoch`` and leaves it in place instead of wrapping it.
     """
 
+    _skip: tuple[int, int] = (-1, 0)
+
+    def skip_first(self, count: int) -> None:
+        """Leaves out the first ``count`` keys of the current epoch's order, once.
+
+        A run resumed from a mid-epoch checkpoint continues the epoch where it stopped
+        instead of repeating its first batches (Lightning restarts the iterator).
+        """
+        self._skip = (self.epoch, max(0, int(count)))
+
     def __iter__(self):  # type: ignore[override]
         epoch = self.epoch
-        for index in super().__iter__():
-            yield (epoch, index)
+        skip_epoch, skip = self._skip
+        skip = skip if skip_epoch == epoch else 0
+        self._skip = (-1, 0)
+        for position, index in enumerate(super().__iter__()):
+            if position >= skip:
+                yield (epoch, index)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
