@@ -158,7 +158,9 @@ def export_backbone(
             f"pretrained_cfg_overlay=dict(file={str(out.name)!r}))"
         ),
         "load_with_smp": f"segmentation_models_pytorch encoder 'tu-{name}': "
-        "encoder.model.load_state_dict(state, strict=False)",
+        "encoder.model.load_state_dict(state, strict=False) and check missing_keys; timm "
+        "features_only models of some families rename stages ('stages.0' -> 'stages_0'): "
+        "rename keys first (ssl_mt.models.multitask_net.timm_key gives the mapping)",
         "load_with_ssl_mt": f"python -m ssl_mt.finetune backbone.name={name} backbone.weights={out}",
         **(extra or {}),
     }

@@ -1,0 +1,233 @@
+"""``python -m ssl_mt.export CKPT --out FILE``: pretraining and fine-tuning checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import segmentation_models_pytorch as smp
+import timm
+import torch
+from safetensors.torch import load_file
+
+from ssl_mt.config import load_tasks_config
+from ssl_mt.export import ExportError, export_checkpoint, main
+from ssl_mt.models.backbone import BackboneError
+from ssl_mt.models.multitask import MultiTaskModule
+from ssl_mt.models.multitask_net import MultiTaskNet, timm_key
+from ssl_mt.models.simclr import SimCLRModule
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIM = {"name": "adamw", "base_lr": 1e-3, "lr_scaling": "none", "weight_decay": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturb(module: torch.nn.Module) -> None:
+    """Moves every tensor away from any fresh initialisation."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn_like(tensor) + 1.0)
+            else:
+                tensor.add_(3)
+
+
+def save_checkpoint(module: L.LightningModule, path: Path) -> Path:
+    """A real Lightning checkpoint (hyper-parameters included), without training."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(path.parent),
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def simclr_module() -> SimCLRModule:
+    module = SimCLRModule(
+        projection={"hidden_dim": 16, "out_dim": 8},
+        temperature=0.2,
+        backbone={"name": "test_efficientnet", "pretrained": False, "weights": None},
+        optim=OPTIM,
+        channels_last=False,
+        image_size=96,
+    )
+    perturb(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pretrain_ckpt(simclr_module, tmp_path_factory) -> Path:
+    return save_checkpoint(simclr_module, tmp_path_factory.mktemp("pre") / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def finetune_module() -> MultiTaskModule:
+    # test_convnext: its features_only encoder flattens names (stages_0), unlike EfficientNet.
+    module = MultiTaskModule(
+        tasks=load_tasks_config("default"),
+        backbone={"name": "test_convnext", "pretrained": False, "weights": None},
+        optim=OPTIM,
+        weighting={"name": "fixed"},
+        eval_sizes=[64, 96],
+        decoder_channels=[16, 16, 8, 8, 8],
+        channels_last=False,
+    )
+    perturb(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def finetune_ckpt(finetune_module, tmp_path_factory) -> Path:
+    return save_checkpoint(finetune_module, tmp_path_factory.mktemp("ft") / "last.ckpt")
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+# -- pretraining checkpoints --------------------------------------------------------------------
+def test_pretrain_checkpoint_exports_the_backbone(pretrain_ckpt, simclr_module, tmp_path):
+    out = tmp_path / "b.safetensors"
+    assert main([str(pretrain_ckpt), "--out", str(out)]) == 0
+    assert_same(load_file(str(out)), simclr_module.backbone.state_dict())
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model_name"] == "test_efficientnet"
+    assert meta["source"] == "pretrain"
+    assert meta["image_size"] == 96
+    assert meta["source_checkpoint"] == str(pretrain_ckpt)
+    # ...and plain timm takes it back whole.
+    model = timm.create_model(
+        "test_efficientnet",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay={"file": str(out)},
+    )
+    assert_same(model.state_dict(), load_file(str(out)))
+
+
+def test_checkpoint_with_omegaconf_hyper_parameters(simclr_module, tmp_path):
+    """Older runs saved OmegaConf objects in hyper_parameters: they need full unpickling."""
+    from omegaconf import OmegaConf
+
+    state = {f"backbone.{k}": v for k, v in simclr_module.backbone.state_dict().items()}
+    hparams = {"backbone": OmegaConf.create({"name": "test_efficientnet"}), "image_size": 64}
+    path = tmp_path / "omegaconf.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
+        torch.load(path, weights_only=True)
+    out = export_checkpoint(path, tmp_path / "b.safetensors")
+    assert_same(load_file(str(out)), simclr_module.backbone.state_dict())
+
+
+@pytest.mark.slow
+def test_command_line(pretrain_ckpt, simclr_module, tmp_path):
+    out = tmp_path / "cli" / "backbone.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "ssl_mt.export", str(pretrain_ckpt), "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert_same(load_file(str(out)), simclr_module.backbone.state_dict())
+    assert out.with_suffix(".json").is_file()
+
+
+# -- fine-tuning checkpoints ----------------------------------------------------------------------
+def test_finetune_checkpoint_exports_the_encoder_in_timm_names(
+    finetune_ckpt, finetune_module, tmp_path
+):
+    out = export_checkpoint(finetune_ckpt, tmp_path / "encoder.safetensors")
+    state = load_file(str(out))
+    assert_same(state, finetune_module.net.encoder_state_for_timm())
+    timm_state = timm.create_model("test_convnext", num_classes=0).state_dict()
+    assert any(k.startswith("stages.0.") for k in state)  # renamed from stages_0
+    assert set(state) <= set(timm_state)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["source"] == "finetune" and meta["model_name"] == "test_convnext"
+    assert meta["image_size"] == 96
+    assert sorted(meta["not_in_file"]) == sorted(set(timm_state) - set(state))
+
+    # Loads into timm (the tensors after the last feature map stay as they are)...
+    model = timm.create_model("test_convnext", num_classes=0)
+    result = model.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(meta["not_in_file"])
+    # ...into an smp encoder (features_only names), no key missing...
+    encoder = smp.Unet("tu-test_convnext", encoder_weights=None).encoder.model
+    encoder.load_state_dict({k: state[timm_key(k)] for k in encoder.state_dict()}, strict=True)
+    # ...and into a fresh fine-tuning network, every encoder tensor matched.
+    net = MultiTaskNet("test_convnext", finetune_module.tasks, decoder_channels=[16, 16, 8, 8, 8])
+    loaded, unused = net.load_encoder_weights(out)
+    assert loaded == len(net.timm_encoder.state_dict()) and unused == []
+    assert_same(net.encoder_state_for_timm(), state)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ExportError, match=r"notes\.ckpt is not a Lightning checkpoint"):
+        export_checkpoint(text, tmp_path / "out.safetensors")
+    plain = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), plain)
+    with pytest.raises(ExportError, match=r"tensor\.pt is not a Lightning checkpoint"):
+        export_checkpoint(plain, tmp_path / "out.safetensors")
+    assert main([str(text), "--out", str(tmp_path / "out.safetensors")]) == 2
+    assert "error: " in capsys.readouterr().err  # a message, exit status 2, no traceback
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*nope\.ckpt"):
+        export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "out.safetensors")
+
+
+def test_a_checkpoint_without_backbone(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.fc.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(
+        ExportError, match=r"no backbone tensors .*'backbone\.'.*'net\.encoder\.model\.'"
+    ):
+        export_checkpoint(path, tmp_path / "out.safetensors")
+
+
+def test_a_checkpoint_without_the_model_name(simclr_module, tmp_path):
+    path = tmp_path / "no_hparams.ckpt"
+    state = {f"backbone.{k}": v for k, v in simclr_module.backbone.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ExportError, match=r"no backbone\.name"):
+        export_checkpoint(path, tmp_path / "out.safetensors")
+
+
+def test_tensors_that_do_not_fit_the_named_model(simclr_module, tmp_path):
+    path = tmp_path / "wrong_name.ckpt"
+    state = {f"backbone.{k}": v for k, v in simclr_module.backbone.state_dict().items()}
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {"backbone": {"name": "test_resnet"}}}, path
+    )
+    with pytest.raises(BackboneError, match=r"does not fit the model:\n.*missing key\(s\)"):
+        export_checkpoint(path, tmp_path / "out.safetensors")
+
+
+def test_output_must_be_safetensors(pretrain_ckpt, tmp_path):
+    with pytest.raises(ExportError, match=r"--out must end with \.safetensors"):
+        export_checkpoint(pretrain_ckpt, tmp_path / "backbone.pt")
