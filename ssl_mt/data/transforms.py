@@ -8,6 +8,7 @@ resolution changes them between epochs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import albumentations as A
@@ -70,6 +71,93 @@ def build_ssl_view_transform(cfg: Mapping[str, Any], size: int) -> A.Compose:
             )
         )
     return A.Compose([*ops, *_extra(cfg), *_normalize(cfg)])
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The views an SSL method takes of each image: global crops, then local crops.
+
+    Multi-crop (SwAV, https://arxiv.org/abs/2006.09882; DINO, https://arxiv.org/abs/2104.14294):
+    ``global_crops`` views at the stage's size, then ``local_crops`` smaller views at
+    :meth:`local_size`, each view a random resized crop of the given area range followed by
+    the augment preset's flip and photometric operations.
+
+    Attributes:
+        global_crops: Views at the stage size (>= 1).
+        local_crops: Views at the local size (>= 0).
+        global_scale: Crop-area range of global views; None: the augment's ``crop_scale``.
+        local_scale: Crop-area range of local views.
+        local_size_ratio: Local side / global side (DINO: 96 / 224).
+        local_size_multiple: The local side is rounded to a multiple of this.
+    """
+
+    global_crops: int = 2
+    local_crops: int = 0
+    global_scale: tuple[float, float] | None = None
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    local_size_ratio: float = 96 / 224
+    local_size_multiple: int = 8
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, key: str = "method.views") -> ViewSpec:
+        """Parses and checks a ``views`` config; errors name ``key`` and the bad entry."""
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"{key}: unknown key(s) {unknown}; known: {sorted(known)}")
+        for name in ("global_scale", "local_scale"):
+            if cfg.get(name) is not None:
+                low, high = (float(v) for v in cfg[name])
+                if not 0 < low <= high <= 1:
+                    raise ValueError(
+                        f"{key}.{name} must be 0 < low <= high <= 1, got {[low, high]}"
+                    )
+                cfg[name] = (low, high)
+        spec = cls(**cfg)
+        if spec.global_crops < 1:
+            raise ValueError(f"{key}.global_crops must be >= 1, got {spec.global_crops}")
+        if spec.local_crops < 0:
+            raise ValueError(f"{key}.local_crops must be >= 0, got {spec.local_crops}")
+        if not 0 < spec.local_size_ratio <= 1:
+            raise ValueError(
+                f"{key}.local_size_ratio must be in (0, 1], got {spec.local_size_ratio}"
+            )
+        if spec.local_size_multiple < 1:
+            raise ValueError(
+                f"{key}.local_size_multiple must be >= 1, got {spec.local_size_multiple}"
+            )
+        return spec
+
+    @property
+    def count(self) -> int:
+        return self.global_crops + self.local_crops
+
+    def local_size(self, size: int) -> int:
+        """Side of local views for global views of ``size`` px (at least one multiple)."""
+        multiple = self.local_size_multiple
+        return max(multiple, round(size * self.local_size_ratio / multiple) * multiple)
+
+    def sizes(self, size: int) -> list[int]:
+        """The side of every view, in view order."""
+        return [size] * self.global_crops + [self.local_size(size)] * self.local_crops
+
+
+def build_ssl_view_transforms(
+    cfg: Mapping[str, Any], size: int, views: ViewSpec
+) -> list[A.Compose]:
+    """One pipeline per view of ``views`` (global views first), from an SSL ``augment`` config.
+
+    A pipeline object is shared by views of one kind; the dataset seeds each view apart.
+    """
+    crops = [(size, views.global_scale, views.global_crops)]
+    crops.append((views.local_size(size), views.local_scale, views.local_crops))
+    transforms: list[A.Compose] = []
+    for side, scale, count in crops:
+        if count:
+            view_cfg = {**cfg, "crop_scale": scale} if scale is not None else cfg
+            transforms += [build_ssl_view_transform(view_cfg, side)] * count
+    return transforms
 
 
 def build_finetune_transform(
