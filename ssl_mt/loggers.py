@@ -43,8 +43,11 @@ def write_rows_atomically(path: Path, fieldnames: list[str], rows: list[dict[str
 def truncate_after(path: str | Path, epoch: int, step: int) -> int:
     """Drops the rows a killed run logged after the checkpoint it will resume from.
 
-    A row is kept when its epoch is at most ``epoch`` and its step at most ``step``, so a
-    resumed run neither repeats nor loses epochs in the log. Returns the rows dropped.
+    ``step`` is the checkpoint's ``global_step``: the optimiser steps done. Lightning logs a
+    row at the number of steps done before it (a batch's row and its epoch's rows at
+    ``global_step - 1``, the next epoch's first rows, e.g. the learning rate, at
+    ``global_step``), so a row is kept when its epoch is at most ``epoch`` and its step
+    below ``step``: a resumed run neither repeats nor loses rows. Returns the rows dropped.
     """
     path = Path(path)
     if not path.is_file():
@@ -55,7 +58,7 @@ def truncate_after(path: str | Path, epoch: int, step: int) -> int:
         row_epoch, row_step = row.get("epoch") or "", row.get("step") or ""
         if row_epoch and float(row_epoch) > epoch:
             return False
-        return not (row_step and float(row_step) > step)
+        return not (row_step and float(row_step) >= step)
 
     kept = [row for row in rows if keep(row)]
     if len(kept) != len(rows):
@@ -124,18 +127,37 @@ CHECKPOINT_KEY = "ssl_mt_epoch_metrics"
 
 
 class EpochMetricsInCheckpoint(L.Callback):
-    """Stores the epoch's logged values in every checkpoint.
+    """Stores the epoch's logged training values in the end-of-epoch checkpoints.
 
     Lightning saves the end-of-epoch checkpoint a moment before it hands that epoch's
-    values to the loggers; a kill in between would resume after an epoch whose log rows were
-    never written. :func:`restore_epoch_row` writes them from the checkpoint on resume.
+    training values to the loggers; a kill in between would resume after an epoch whose
+    training row was never written. :func:`restore_epoch_row` writes it from the checkpoint
+    on resume. What is stored is what Lightning is about to log (not ``callback_metrics``,
+    which also holds progress-bar-only values and the learning rates logged elsewhere); a
+    checkpoint written mid-epoch stores nothing (its epoch has no row yet).
     """
+
+    def __init__(self) -> None:
+        self._epoch_ended = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_ended = False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs before ModelCheckpoint's on_train_epoch_end (Lightning calls it last).
+        self._epoch_ended = True
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if not self._epoch_ended:
+            return
+        try:  # the epoch-level values Lightning hands the loggers right after this checkpoint
+            pending = trainer._logger_connector.metrics["log"]
+        except Exception:  # a Lightning without that internal: the broader set
+            pending = trainer.callback_metrics
         values = {}
-        for key, value in trainer.callback_metrics.items():
+        for key, value in pending.items():
             try:
                 values[key] = float(value)
             except (TypeError, ValueError):
@@ -144,17 +166,27 @@ class EpochMetricsInCheckpoint(L.Callback):
 
 
 def restore_epoch_row(path: str | Path, checkpoint: dict[str, Any]) -> bool:
-    """Appends the checkpoint's epoch values when ``metrics.csv`` lacks them; True if it did."""
+    """Appends the checkpoint's epoch values ``metrics.csv`` lacks; True if it did.
+
+    Only the missing values: the kill this repairs falls after the epoch's validation row
+    was written, and before its training row.
+    """
     stored = checkpoint.get(CHECKPOINT_KEY)
     if not stored or not stored.get("metrics"):
         return False
     path = Path(path)
     epoch = int(stored["epoch"])
     fieldnames, rows = read_rows(path) if path.is_file() else ([], [])
-    keys = set(stored["metrics"])
-    for row in rows:
-        if row.get("epoch") and float(row["epoch"]) == epoch and any(row.get(k) for k in keys):
-            return False
-    row = {"epoch": epoch, "step": int(checkpoint.get("global_step", 0)) - 1, **stored["metrics"]}
+    logged = {
+        key
+        for row in rows
+        if row.get("epoch") and float(row["epoch"]) == epoch
+        for key, value in row.items()
+        if value
+    }
+    missing = {k: v for k, v in stored["metrics"].items() if k not in logged}
+    if not missing:
+        return False
+    row = {"epoch": epoch, "step": int(checkpoint.get("global_step", 0)) - 1, **missing}
     write_rows_atomically(path, sorted(set(fieldnames) | set(row)), [*rows, row])
     return True

@@ -1,0 +1,34 @@
+"""Fixtures of the reliability tests; the helpers are in ``reliability_helpers.py``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # reliability_helpers and reliability_probes (also subprocesses)
+    sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Intra-op threads of a tiny model only fight each other (and the other workers) here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def reaper():
+    """A list to put launched processes in; those still running at teardown are killed."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)

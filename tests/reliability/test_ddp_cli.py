@@ -1,0 +1,160 @@
+"""Both apps under 2-process CPU DDP (gloo), launched through Hydra's command line.
+
+Lightning starts rank 1 by re-running the command (with ``hydra.run.dir`` of rank 0 and
+``hydra.output_subdir=null``). Each run must finish with exit code 0 and write ONE run
+directory (nothing in the working directory besides it), ONE metrics.csv with one row per
+epoch for epoch-level keys, the checkpoint, and (pretrain) one backbone export.
+
+Validation is reduced over the ranks: the last epoch's logged values are recomputed in this
+process from ``last.ckpt`` (weights and BatchNorm buffers of rank 0, which DDP broadcasts
+before every forward) on the two shards the ranks' samplers produced; the fine-tuning value
+must differ from rank 0's shard alone. 41 training images: 20 per rank; 7 validation images
+padded by DistributedSampler to 4 + 4 (one sample counted twice: a known DDP trait).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from reliability_helpers import (
+    app_command,
+    compose_app,
+    finish,
+    launch,
+    per_epoch,
+    read_metrics,
+    tiny_overrides,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
+STAGES = {
+    "finetune": "schedule.stages=[{size:32,epochs:2,batch_size:4}]",  # 5 steps per rank
+    "pretrain": "schedule.stages=[{size:32,epochs:2,batch_size:8}]",  # 2 steps per rank
+}
+
+
+def _ddp_run(app: str, root: Path, cwd: Path, reaper: list) -> tuple[Path, str]:
+    run_dir = cwd / "run"
+    overrides = [*tiny_overrides(app, root, STAGES[app]), "trainer=ddp_cpu"]
+    log = cwd.parent / f"{cwd.name}.out"
+    text = finish(
+        launch(app_command(app, *overrides, f"hydra.run.dir={run_dir}"), cwd, log, reaper), log
+    )
+    assert [p.name for p in cwd.iterdir()] == ["run"], "something was written outside the run"
+    assert not (cwd / "outputs").exists() and not (cwd / "runs").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list(run_dir.rglob("metrics*.csv"))) == 1
+    assert len(list(run_dir.glob(".hydra/config.yaml"))) == 1
+    return run_dir, text
+
+
+def _shards(app: str, root: Path, run_dir: Path):
+    """The composed config and the validation loaders of rank 0 and rank 1."""
+    cfg = compose_app(app, [*tiny_overrides(app, root, STAGES[app]), f"run_dir={run_dir}"])
+    loaders = []
+    for rank in (0, 1):
+        datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+        datamodule.setup("fit")
+        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=1)
+        loaders.append(datamodule.val_dataloader())
+    return cfg, loaders
+
+
+def _load(module, run_dir: Path):
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1
+    module.load_state_dict(state["state_dict"])
+    return module.eval()
+
+
+def _finetune_val_loss(module, loaders, ranks) -> float:
+    for per_task in module.val_metrics.values():
+        for metrics in per_task.values():
+            for metric in metrics.values():
+                metric.reset()
+    with torch.no_grad():
+        for rank in ranks:
+            for batch in loaders[rank][0]:
+                module._eval_step(batch, 0)
+    losses = [
+        m["loss"].compute() for m in module.val_metrics["32"].values() if m["loss"].update_count
+    ]
+    return float(torch.stack(losses).sum())
+
+
+def test_finetune_under_ddp(synthetic_root, tmp_path, reaper):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run_dir, _ = _ddp_run("finetune", synthetic_root, cwd, reaper)
+    df = read_metrics(run_dir)
+    for column in ("train/global/loss", "val/32/global/loss", "val/32/skin/iou", "train/size"):
+        assert set(per_epoch(df, column)) == {0, 1}, column
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2 * 5  # 20 images per rank, batches of 4
+
+    from ssl_mt.finetune import build_module
+
+    cfg, loaders = _shards("finetune", synthetic_root, run_dir)
+    indices = [[int(i) for b in loaders[r][0] for i in b["index"]] for r in (0, 1)]
+    assert len(indices[0]) == len(indices[1]) == 4
+    assert set(indices[0]) | set(indices[1]) == set(range(7)), indices  # every val sample
+    module = _load(build_module(cfg), run_dir)
+    both = _finetune_val_loss(module, loaders, (0, 1))
+    rank0 = _finetune_val_loss(module, loaders, (0,))
+    logged = per_epoch(df, "val/32/global/loss")[1]
+    assert logged == pytest.approx(both, rel=1e-5), (logged, both, rank0)
+    assert abs(logged - rank0) > 1e-4 * abs(logged), "the logged value is rank 0's alone"
+
+
+def test_pretrain_under_ddp(synthetic_root, tmp_path, reaper):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run_dir, text = _ddp_run("pretrain", synthetic_root, cwd, reaper)
+    # The export: written once, by rank 0 (rank 1's Hydra log is in the same folder).
+    assert (run_dir / "backbone.safetensors").is_file()
+    assert (run_dir / "backbone.json").is_file()
+    logs = text + "".join(p.read_text() for p in run_dir.glob("*.log"))
+    assert len(set(re.findall(r"\]\[INFO\] - exported backbone to .*", logs))) == 1
+    assert len(re.findall(r"exported backbone to", text)) == 1
+    df = read_metrics(run_dir)
+    for column in ("train/loss", "knn/tone/top1", "knn/relevance/top1", "train/embedding_std"):
+        assert set(per_epoch(df, column)) == {0, 1}, column
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    # The kNN monitor's accuracy from the features of both ranks, gathered as all_gather does.
+    from ssl_mt.models.knn import knn_predict
+    from ssl_mt.pretrain import build_module
+
+    cfg, loaders = _shards("pretrain", synthetic_root, run_dir)
+    module = _load(build_module(cfg), run_dir)
+    tasks = loaders and [
+        t for t in instantiate(cfg.data, _recursive_=False, _convert_="all").knn_tasks
+    ]
+    gathered = {}
+    with torch.no_grad():
+        for split in (0, 1):  # bank, queries
+            feats, labels = [], []
+            for rank in (0, 1):
+                for batch in loaders[rank][split]:
+                    feats.append(module.features(batch["image"]).float())
+                    labels.append(torch.stack([batch["target"][t.name] for t in tasks], dim=1))
+            gathered[split] = (torch.cat(feats), torch.cat(labels))
+    (bank, bank_labels), (query, query_labels) = gathered[0], gathered[1]
+    for column, task in enumerate(tasks):
+        in_bank, in_query = bank_labels[:, column] >= 0, query_labels[:, column] >= 0
+        predicted = knn_predict(
+            bank[in_bank],
+            bank_labels[in_bank, column],
+            query[in_query],
+            task.num_classes,
+            k=int(cfg.method.knn.k),
+            temperature=float(cfg.method.knn.temperature),
+        )
+        accuracy = float((predicted == query_labels[in_query, column]).float().mean())
+        assert per_epoch(df, f"knn/{task.name}/top1")[1] == pytest.approx(accuracy, abs=1e-6)
