@@ -93,6 +93,28 @@ def check_top_level_keys(cfg: DictConfig, app: str) -> None:
             raise ConfigKeyError(f"unknown config key {key!r} for the {app} app.{hint}")
 
 
+# Plain-settings groups: nothing instantiates them, so nothing else would reject a typo.
+# (Groups with a _target_ fail on an unknown argument; backbone keys go to timm, which does.)
+SETTINGS_GROUPS = ("optim", "augment", "schedule")
+
+
+def check_group_keys(cfg: DictConfig) -> None:
+    """Fails on a key of a settings group that none of the group's options defines."""
+    import difflib
+
+    for group in SETTINGS_GROUPS:
+        if group not in cfg or cfg[group] is None:
+            continue
+        allowed: set[str] = set()
+        for option in (CONF_DIR / group).glob("*.yaml"):
+            allowed |= set(OmegaConf.load(option).keys()) - {"defaults"}
+        for key in cfg[group]:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=3)
+                hint = f" Did you mean {', '.join(f'{group}.{c}' for c in close)}?" if close else ""
+                raise ConfigKeyError(f"unknown config key '{group}.{key}'.{hint}")
+
+
 def check_types(cfg: DictConfig) -> None:
     """Type checks of the app-level settings (groups are checked by their constructors)."""
     expected = {"seed": int, "channels_last": bool, "compile": bool, "experiment_name": str}

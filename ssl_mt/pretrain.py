@@ -58,7 +58,10 @@ def run(cfg: DictConfig) -> Path:
             cfg.backbone.name,
             run_dir / cfg.export_name,
             image_size=module.image_size,
-            extra={"method": cfg.method._target_.rsplit(".", 1)[-1], "epochs": trainer.current_epoch},
+            extra={
+                "method": cfg.method._target_.rsplit(".", 1)[-1],
+                "epochs": trainer.current_epoch,
+            },
         )
         log.info("exported backbone to %s", out)
     return run_dir

@@ -22,7 +22,7 @@ from ssl_mt.checkpointing import (
     is_loadable,
     latest_run_with_checkpoint,
 )
-from ssl_mt.config import check_top_level_keys, check_types
+from ssl_mt.config import check_group_keys, check_top_level_keys, check_types
 from ssl_mt.loggers import EpochMetricsInCheckpoint, restore_epoch_row, truncate_after
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ warnings.filterwarnings("ignore", message=".*can lead to instability due to limi
 def prepare_run(cfg: DictConfig) -> Path:
     """Checks the config, seeds everything (workers too) and creates the run directory."""
     check_top_level_keys(cfg, cfg.app)
+    check_group_keys(cfg)
     check_types(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,79 @@ def _require_split(samples: Sequence[Sample], split: str, root: Path) -> None:
         )
 
 
-class MultiTaskDataModule(L.LightningDataModule):
+class _StagedDataModule(L.LightningDataModule):
+    """What both datamodules share: one train loader per schedule stage, kept for the whole
+    stage (so persistent workers live on), resumed at the right batch, and evaluation
+    loaders built once.
+
+    Subclasses set ``schedule``, ``settings``, ``seed``, ``on_bad_sample`` and implement
+    :meth:`train_dataset` and :attr:`num_train_samples`.
+    """
+
+    schedule: ResolutionSchedule
+    settings: _LoaderSettings
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train_loader: tuple[int, DataLoader] | None = None
+
+    @property
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    @property
+    def num_train_samples(self) -> int:
+        raise NotImplementedError
+
+    def train_dataset(self, stage_index: int) -> Dataset:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        """The loader of the current epoch's stage; the same object for a whole stage."""
+        index = self.schedule.index_at(self.current_epoch)
+        if self._train_loader is None or self._train_loader[0] != index:
+            self._train_loader = None  # let the previous stage's workers go first
+            stage = self.schedule.stages[index]
+            world, rank = _world(self)
+            loader = self.settings.loader(
+                self.train_dataset(index),
+                stage.batch_size,
+                shuffle=True,
+                drop_last=True,
+                world_size=world,
+                rank=rank,
+            )
+            if len(loader) == 0:
+                raise ValueError(
+                    f"{self.num_train_samples} training samples over {world} device(s) make "
+                    f"no full batch of {stage.batch_size}: lower the stage's batch_size"
+                )
+            self._train_loader = (index, loader)
+        return _resume_position(self, self._train_loader[1])
+
+    def eval_loader(
+        self, samples: Sequence[Sample], tasks: Sequence[TaskSpec], size: int
+    ) -> DataLoader:
+        """A sequential (sharded under DDP) loader of labeled samples resized to ``size``."""
+        world, rank = _world(self)
+        dataset = MultiTaskDataset(
+            samples,
+            tasks,
+            build_finetune_transform(self.augment, size, train=False),
+            self.seed,
+            self.on_bad_sample,
+        )
+        return self.settings.loader(
+            dataset,
+            self.eval_batch_size,
+            shuffle=False,
+            drop_last=False,
+            world_size=world,
+            rank=rank,
+        )
+
+
+class MultiTaskDataModule(_StagedDataModule):
     """Multi-task data with progressive training resolution and several eval resolutions.
 
     Args:
@@ -174,7 +246,6 @@ class MultiTaskDataModule(L.LightningDataModule):
             num_workers, pin_memory, persistent_workers, prefetch_factor, seed
         )
         self.samples: dict[str, list[Sample]] = {}
-        self._train_loader: tuple[int, DataLoader] | None = None
         self._eval_loaders: dict[str, list[DataLoader]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -185,10 +256,6 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.samples[split] = [s for s in samples if s.split == split]
         _require_split(self.samples["train"], "train", self.root)
         _require_split(self.samples["val"], "val", self.root)
-
-    @property
-    def current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
 
     @property
     def num_train_samples(self) -> int:
@@ -203,48 +270,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.samples["train"], self.tasks, transform, self.seed, self.on_bad_sample
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """The loader of the current epoch's stage; the same object for a whole stage."""
-        index = self.schedule.index_at(self.current_epoch)
-        if self._train_loader is None or self._train_loader[0] != index:
-            self._train_loader = None  # let the previous stage's workers go first
-            world, rank = _world(self)
-            loader = self.settings.loader(
-                self.train_dataset(index),
-                self.schedule.stages[index].batch_size,
-                shuffle=True,
-                drop_last=True,
-                world_size=world,
-                rank=rank,
-            )
-            if len(loader) == 0:
-                raise ValueError(
-                    f"{len(self.samples['train'])} training samples over {world} device(s) "
-                    f"make no full batch of {self.schedule.stages[index].batch_size}: lower "
-                    "the stage's batch_size"
-                )
-            self._train_loader = (index, loader)
-        return _resume_position(self, self._train_loader[1])
-
     def _eval_loaders_for(self, split: str) -> list[DataLoader]:
         if split not in self._eval_loaders:
-            world, rank = _world(self)
             self._eval_loaders[split] = [
-                self.settings.loader(
-                    MultiTaskDataset(
-                        self.samples[split],
-                        self.tasks,
-                        build_finetune_transform(self.augment, size, train=False),
-                        self.seed,
-                        self.on_bad_sample,
-                    ),
-                    self.eval_batch_size,
-                    shuffle=False,
-                    drop_last=False,
-                    world_size=world,
-                    rank=rank,
-                )
-                for size in self.eval_sizes
+                self.eval_loader(self.samples[split], self.tasks, size) for size in self.eval_sizes
             ]
         return self._eval_loaders[split]
 
@@ -258,7 +287,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._eval_loaders_for("test")
 
 
-class SSLDataModule(L.LightningDataModule):
+class SSLDataModule(_StagedDataModule):
     """Multi-view images for self-supervised pretraining, plus labeled loaders for kNN.
 
     Images come from ``ROOT/labels.csv`` (train split) or, without a csv or with
@@ -341,7 +370,6 @@ class SSLDataModule(L.LightningDataModule):
         )
         self.images: list[Path] = []
         self.knn_samples: dict[str, list[Sample]] = {}
-        self._train_loader: tuple[int, DataLoader] | None = None
         self._val_loaders: list[DataLoader] | None = None
 
     @property
@@ -378,10 +406,6 @@ class SSLDataModule(L.LightningDataModule):
         return bool(self.knn_samples.get("train")) and bool(self.knn_samples.get("val"))
 
     @property
-    def current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
-
-    @property
     def num_train_samples(self) -> int:
         return len(self.images)
 
@@ -390,49 +414,19 @@ class SSLDataModule(L.LightningDataModule):
             return build_ssl_view_transforms(self.augment, size, self.view_spec)
         return [build_ssl_view_transform(self.augment, size)] * self.n_views
 
-    def train_dataloader(self) -> DataLoader:
-        """The loader of the current epoch's stage; the same object for a whole stage."""
-        index = self.schedule.index_at(self.current_epoch)
-        if self._train_loader is None or self._train_loader[0] != index:
-            self._train_loader = None
-            stage = self.schedule.stages[index]
-            world, rank = _world(self)
-            dataset = MultiViewDataset(
-                self.images, self.view_transforms(stage.size), self.seed, self.on_bad_sample
-            )
-            loader = self.settings.loader(
-                dataset, stage.batch_size, shuffle=True, drop_last=True, world_size=world, rank=rank
-            )
-            if len(loader) == 0:
-                raise ValueError(
-                    f"{len(self.images)} images over {world} device(s) make no full batch of "
-                    f"{stage.batch_size}: lower the stage's batch_size"
-                )
-            self._train_loader = (index, loader)
-        return _resume_position(self, self._train_loader[1])
+    def train_dataset(self, stage_index: int) -> MultiViewDataset:
+        size = self.schedule.stages[stage_index].size
+        return MultiViewDataset(
+            self.images, self.view_transforms(size), self.seed, self.on_bad_sample
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[bank, queries]`` for the kNN monitor, or no loader when there are no labels."""
         if not self.has_knn:
             return []
         if self._val_loaders is None:
-            world, rank = _world(self)
-            transform = build_finetune_transform(self.augment, self.knn_size, train=False)
             self._val_loaders = [
-                self.settings.loader(
-                    MultiTaskDataset(
-                        self.knn_samples[split],
-                        self.knn_tasks,
-                        transform,
-                        self.seed,
-                        self.on_bad_sample,
-                    ),
-                    self.eval_batch_size,
-                    shuffle=False,
-                    drop_last=False,
-                    world_size=world,
-                    rank=rank,
-                )
+                self.eval_loader(self.knn_samples[split], self.knn_tasks, self.knn_size)
                 for split in ("train", "val")
             ]
         return self._val_loaders

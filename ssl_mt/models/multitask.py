@@ -69,6 +69,14 @@ class MultiTaskModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile_model = compile
         backbone = dict(backbone)
+        handled = {
+            "name",
+            "pretrained",
+            "weights",
+            "grad_checkpointing",
+            "drop_path_rate",
+            "decoder_channels",
+        }
         self.net = MultiTaskNet(
             backbone["name"],
             self.tasks,
@@ -77,6 +85,8 @@ class MultiTaskModule(L.LightningModule):
             pretrained=bool(backbone.get("pretrained", False)),
             head_dropout=head_dropout,
             drop_path_rate=float(backbone.get("drop_path_rate") or 0.0),
+            # Any other backbone key is a timm argument, as in pretraining.
+            **{k: v for k, v in backbone.items() if k not in handled},
         )
         self.encoder_tensors_loaded = 0
         if backbone.get("pretrained") and backbone.get("weights"):

@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import segmentation_models_pytorch as smp
 from torch import Tensor, nn
@@ -50,6 +51,8 @@ class MultiTaskNet(nn.Module):
         pretrained: Start the encoder from timm's hub weights (needs network access).
         head_dropout: Dropout before each classification layer.
         drop_path_rate: Stochastic depth of the encoder.
+        **timm_kwargs: Further arguments of the timm model (a misspelt one fails in timm,
+            naming it).
     """
 
     def __init__(
@@ -61,13 +64,14 @@ class MultiTaskNet(nn.Module):
         pretrained: bool = False,
         head_dropout: float = 0.2,
         drop_path_rate: float = 0.0,
+        **timm_kwargs: Any,
     ) -> None:
         super().__init__()
         check_model_name(backbone)
         self.backbone_name = backbone
         self.seg_tasks = [t.name for t in tasks if t.is_segmentation]
         self.cls_tasks = [t for t in tasks if not t.is_segmentation]
-        kwargs = {}
+        kwargs = dict(timm_kwargs)
         if decoder_channels is not None and arch.lower() in ("unet", "unetplusplus"):
             kwargs["decoder_channels"] = list(decoder_channels)
         if drop_path_rate:

@@ -92,6 +92,7 @@ def test_a_killed_checkpoint_write_leaves_the_old_or_the_new_file(tmp_path):
     # Kill points: a temp file just created, random sizes, completely written (fsync/rename
     # pending), and one write that finishes.
     points = [0, *(rng.uniform(0.05, 0.95) * size for _ in range(3)), size, None]
+    partial_seen = 0
     for version, at_bytes in enumerate(points, start=1):
         torn += _kill_while_writing(path, version, at_bytes, deadline_s=30 + 20 * full_write_s)
         found = _content(path)  # loads: never a torn file
@@ -99,15 +100,17 @@ def test_a_killed_checkpoint_write_leaves_the_old_or_the_new_file(tmp_path):
         if at_bytes is not None and at_bytes < size:
             assert found == current, "a write killed half-way replaced the checkpoint"
         current = found
+        # What a non-atomic writer would have left at PATH: a torn file, which does not load.
+        for leftover in _temps(path.parent):
+            if leftover.stat().st_size < size:
+                partial_seen += 1
+                assert not is_loadable(leftover)
+        # The next write removes the temporaries of writers that died: at most one stays.
+        assert len(_temps(path.parent)) <= 1
     assert current == len(points), "the write that was not killed did not land"
     assert torn >= 4, f"only {torn} kills landed during a write: the test did not test much"
-    leftovers = _temps(path.parent)
-    assert leftovers, "no stray temp file: nothing to mistake for a checkpoint"
-    # What a non-atomic writer would have left at PATH: a torn file, which does not load.
-    partial = [p for p in leftovers if p.stat().st_size < size]
-    assert partial
-    for torn_file in partial:
-        assert not is_loadable(torn_file)
+    assert partial_seen, "no torn temp file was ever left: nothing to mistake for a checkpoint"
+    assert not _temps(path.parent), "the finished write left a dead writer's temp file behind"
 
     # A newer run whose very first checkpoint write was killed: only a stray temp file.
     newer = experiment / "2030-01-01_00-10-00" / "checkpoints" / "last.ckpt"

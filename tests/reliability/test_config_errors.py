@@ -111,12 +111,6 @@ def test_unknown_option_names_the_group_and_lists_the_options(app, group, option
     assert f"Available options in '{group}'" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # "DID NOT RAISE", nothing else
-    reason="known gap: keys inside groups read as plain mappings (optim, augment, finetune's "
-    "backbone, schedule) are not checked; a typo there is silently ignored",
-)
 def test_misspelt_key_inside_the_optim_group_of_an_experiment_file(synthetic_root, tmp_path):
     conf = _experiment_dir(tmp_path, "optim:\n  base_lrr: 0.5\n")
     cfg = compose_app(
@@ -133,5 +127,18 @@ def test_misspelt_key_inside_the_optim_group_of_an_experiment_file(synthetic_roo
         ],
     )
     assert cfg.optim.base_lrr == 0.5 and cfg.experiment_name == "quick"
-    with pytest.raises(Exception, match="base_lrr"):
+    with pytest.raises(Exception, match=r"optim\.base_lrr.*Did you mean optim\.base_lr"):
+        run_app("finetune", cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_misspelt_timm_argument_in_the_backbone_group_is_named(synthetic_root, tmp_path):
+    cfg = compose_app(
+        "finetune",
+        [
+            *tiny_overrides("finetune", synthetic_root, f"run_dir={tmp_path / 'run'}"),
+            "+backbone.drop_ratee=0.1",
+        ],
+    )
+    with pytest.raises(Exception, match="drop_ratee"):
         run_app("finetune", cfg)
