@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssl_mt.callbacks.bad_samples import BadSampleLog
@@ -68,6 +68,11 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
                 save_last=True,
                 enable_version_counter=False,  # one last.ckpt, shared with the epoch callback
             )
+        )
+    if cfg.trainer.get("enable_progress_bar", True):
+        # The bar reads its values from the device: every N batches, not every batch.
+        configured.append(
+            RichProgressBar(refresh_rate=int(cfg.get("progress_bar_refresh_rate", 10)))
         )
     return instantiate(
         cfg.trainer,
