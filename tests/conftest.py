@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssl_mt.config import load_tasks_config
 from ssl_mt.data.synthetic import generate_dataset
@@ -25,3 +26,12 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def default_tasks() -> list[TaskSpec]:
     """The five tasks of ``conf/tasks/default.yaml``."""
     return parse_tasks(load_tasks_config("default"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared cores: intra-op threads of the tiny test models only fight each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,14 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIM = {"name": "adamw", "base_lr": 1e-3, "lr_scaling": "none", "weight_decay": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturb(module: torch.nn.Module) -> None:
     """Moves every tensor away from any fresh initialisation."""
     torch.manual_seed(0)

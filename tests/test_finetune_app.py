@@ -14,35 +14,20 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
-from ssl_mt.config import CONF_DIR, register_resolvers
 from ssl_mt.finetune import build_module, run
 from ssl_mt.models.backbone import BackboneError
 from ssl_mt.schedule import ScheduleError
+from tests.helpers import cause_chain, compose_app
 
 TASKS = ("skin", "scalp", "blur", "tone", "relevance")
 SEG = ("skin", "scalp")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 shared cores; intra-op threads only fight each other there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_finetune(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="finetune", overrides=["run_dir=/tmp/unused", *overrides])
-
-
 def quick_cfg(root: Path, run_dir: Path, *extra: str):
-    return compose_finetune(
+    return compose_app(
+        "finetune",
         [
             "experiment=quick",
             f"data.root={root}",
@@ -52,15 +37,8 @@ def quick_cfg(root: Path, run_dir: Path, *extra: str):
             "data.num_workers=0",
             "data.pin_memory=false",
             *extra,
-        ]
+        ],
     )
-
-
-def _cause_chain(error: BaseException) -> list[BaseException]:
-    chain = [error]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    return chain
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
@@ -263,7 +241,7 @@ def test_backbone_weights_of_another_model_name_the_mismatched_keys(tmp_path):
         Exception, match=r"(?s)does not fit.*missing key\(s\).*conv_stem\.weight"
     ) as info:
         build_module(cfg)
-    assert any(isinstance(e, BackboneError) for e in _cause_chain(info.value))
+    assert any(isinstance(e, BackboneError) for e in cause_chain(info.value))
 
 
 def test_backbone_weights_with_a_wrong_shape_name_the_key(tmp_path):
@@ -275,7 +253,7 @@ def test_backbone_weights_with_a_wrong_shape_name_the_key(tmp_path):
         Exception, match=r"shape mismatch.*conv_stem\.weight: file \(5, 3, 3, 3\)"
     ) as info:
         build_module(cfg)
-    assert any(isinstance(e, BackboneError) for e in _cause_chain(info.value))
+    assert any(isinstance(e, BackboneError) for e in cause_chain(info.value))
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
@@ -284,11 +262,11 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
     )
     with pytest.raises(Exception, match=r"weights file not found: .*nothere\.safetensors") as info:
         build_module(cfg)
-    assert any(isinstance(e, FileNotFoundError) for e in _cause_chain(info.value))
+    assert any(isinstance(e, FileNotFoundError) for e in cause_chain(info.value))
 
 
 def test_mt_ssl_without_weights_refuses_to_start(tmp_path):
-    cfg = compose_finetune(["experiment=mt_ssl", f"run_dir={tmp_path}"])
+    cfg = compose_app("finetune", ["experiment=mt_ssl", f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"experiment=mt_ssl needs backbone\.weights=PATH"):
         build_module(cfg)
     with pytest.raises(ValueError, match=r"backbone\.weights"):
@@ -320,7 +298,7 @@ def test_bad_schedule_fails_before_training(synthetic_root, tmp_path, override, 
     cfg = quick_cfg(synthetic_root, tmp_path, override)
     with pytest.raises(Exception, match=match) as info:
         run(cfg)
-    assert any(isinstance(e, error) for e in _cause_chain(info.value))
+    assert any(isinstance(e, error) for e in cause_chain(info.value))
     assert not (tmp_path / "checkpoints").exists()
     assert not (tmp_path / "metrics.csv").exists()
 
@@ -343,7 +321,7 @@ def test_a_decoder_that_cannot_take_the_size_fails_opaquely_so_the_config_refuse
 
     (smp's U-Net resizes each upsampled map to its skip connection, so it runs, misaligned.)
     """
-    module = build_module(compose_finetune(["experiment=quick", "model=fpn"]))
+    module = build_module(compose_app("finetune", ["experiment=quick", "model=fpn"]))
     module(torch.randn(1, 3, 64, 64))
     with pytest.raises(RuntimeError, match="must match the size"):
         module(torch.randn(1, 3, 48, 48))

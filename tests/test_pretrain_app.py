@@ -19,15 +19,14 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from ssl_mt.config import CONF_DIR, register_resolvers
 from ssl_mt.data.synthetic import generate_dataset
 from ssl_mt.export import main as export_main
 from ssl_mt.models.backbone import BackboneError
 from ssl_mt.models.multitask_net import MultiTaskNet, timm_key
 from ssl_mt.pretrain import run
+from tests.helpers import cause_chain, compose_app
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "test_efficientnet"
@@ -36,23 +35,9 @@ EPOCHS = 4
 KNN_MARGIN = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: intra-op threads of a tiny model only fight each other there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_pretrain(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="pretrain", overrides=["run_dir=/tmp/unused", *overrides])
-
-
 def quick_cfg(root: Path, run_dir: Path, *extra: str):
-    return compose_pretrain(
+    return compose_app(
+        "pretrain",
         [
             "experiment=quick",
             f"data.root={root}",
@@ -64,15 +49,8 @@ def quick_cfg(root: Path, run_dir: Path, *extra: str):
             "schedule.stages=[{size:64,epochs:1,batch_size:16}]",
             "schedule.eval_sizes=[64]",
             *extra,
-        ]
+        ],
     )
-
-
-def _cause_chain(error: BaseException) -> list[BaseException]:
-    chain = [error]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    return chain
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +196,7 @@ def test_weights_that_do_not_fit_the_backbone_name_the_keys(
     )
     with pytest.raises(Exception, match=r"does not fit the model") as info:
         run(cfg)
-    error = next(e for e in _cause_chain(info.value) if isinstance(e, BackboneError))
+    error = next(e for e in cause_chain(info.value) if isinstance(e, BackboneError))
     assert "shape mismatch(es)" in str(error) and "conv_stem.weight" in str(error)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -246,7 +224,7 @@ def test_bad_config_fails_before_training(synthetic_root, tmp_path, override, er
     cfg = quick_cfg(synthetic_root, tmp_path, override)
     with pytest.raises(Exception, match=match) as info:
         run(cfg)
-    assert any(isinstance(e, error) for e in _cause_chain(info.value))
+    assert any(isinstance(e, error) for e in cause_chain(info.value))
     assert not (tmp_path / "checkpoints").exists()
     assert not (tmp_path / "metrics.csv").exists()
     assert not (tmp_path / "backbone.safetensors").exists()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ssl_mt.config import CONF_DIR, register_resolvers
+from ssl_mt.config import CONF_DIR
+from tests.helpers import compose_app
 
 APPS = ("pretrain", "finetune")
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -27,14 +27,17 @@ def test_every_group_is_used_by_an_app():
     assert set(GROUPS) <= app_groups("pretrain") | app_groups("finetune")
 
 
-def compose_app(app: str, overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=app, overrides=["run_dir=/tmp/unused", *overrides])
-
-
 def test_groups_of_the_design_exist():
-    for group in ("data", "backbone", "augment", "tasks", "schedule", "trainer", "logger", "experiment"):
+    for group in (
+        "data",
+        "backbone",
+        "augment",
+        "tasks",
+        "schedule",
+        "trainer",
+        "logger",
+        "experiment",
+    ):
         assert options(group), f"conf/{group} has no options"
 
 

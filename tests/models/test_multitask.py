@@ -24,15 +24,6 @@ DECODER = [64, 32, 16, 16, 8]  # conf/backbone/test_efficientnet.yaml
 TASK_NAMES = ("skin", "scalp", "blur", "tone", "relevance")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 shared cores; intra-op threads only fight each other there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def optim_cfg(**overrides):
     cfg = OmegaConf.load(CONF_DIR / "optim" / "adamw.yaml")
     cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs = 3e-3, "none", 0

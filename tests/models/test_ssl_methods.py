@@ -18,12 +18,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ssl_mt.config import CONF_DIR, load_tasks_config, register_resolvers
+from ssl_mt.config import CONF_DIR, load_tasks_config
 from ssl_mt.data.datamodules import SSLDataModule
 from ssl_mt.data.synthetic import generate_dataset
 from ssl_mt.data.transforms import ViewSpec
@@ -38,6 +37,7 @@ from ssl_mt.models.simsiam import SimSiamModule
 from ssl_mt.pretrain import build_module, run
 from ssl_mt.runner import build_trainer
 from ssl_mt.schedule import ResolutionSchedule
+from tests.helpers import cause_chain, compose_app
 
 EPOCHS = 5
 BATCH = 8
@@ -92,23 +92,9 @@ METHODS = {
 MOMENTUM_METHODS = ("moco", "byol", "dino")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: intra-op threads of a tiny model only fight each other there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_pretrain(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="pretrain", overrides=["run_dir=/tmp/unused", *overrides])
-
-
 def quick_cfg(method: str, root: Path, run_dir: Path, *extra: str, epochs: int = EPOCHS):
-    return compose_pretrain(
+    return compose_app(
+        "pretrain",
         [
             "experiment=quick",
             f"method={method}",
@@ -123,7 +109,7 @@ def quick_cfg(method: str, root: Path, run_dir: Path, *extra: str, epochs: int =
             "data.knn_tasks=[]",  # no kNN monitor: not what these tests look at
             *METHODS[method][0],
             *extra,
-        ]
+        ],
     )
 
 
@@ -431,7 +417,7 @@ def test_teacher_temperature_warms_up_linearly_like_np_linspace():
 
 # -- multi-crop views from the method config ------------------------------------------------------
 def test_dino_config_gives_two_global_and_n_local_views(data_root: Path):
-    cfg = compose_pretrain(["experiment=quick", "method=dino", f"data.root={data_root}"])
+    cfg = compose_app("pretrain", ["experiment=quick", "method=dino", f"data.root={data_root}"])
     assert OmegaConf.to_container(cfg.data.views) == OmegaConf.to_container(cfg.method.views)
     views = OmegaConf.to_container(cfg.method.views)
     datamodule = SSLDataModule(
@@ -453,18 +439,10 @@ def test_dino_config_gives_two_global_and_n_local_views(data_root: Path):
 
 def test_methods_without_views_keep_two_alike_views():
     for method in ("simclr", "moco", "byol", "simsiam"):
-        cfg = compose_pretrain(["experiment=quick", f"method={method}"])
+        cfg = compose_app("pretrain", ["experiment=quick", f"method={method}"])
         assert cfg.data.views is None and cfg.data.n_views == 2, method
-    cfg = compose_pretrain(["experiment=quick", "method=rotation"])
+    cfg = compose_app("pretrain", ["experiment=quick", "method=rotation"])
     assert ViewSpec.from_config(cfg.data.views).count == 1
-
-
-def cause_chain(error: BaseException) -> list[BaseException]:
-    """The error and its causes (Hydra wraps constructor errors in InstantiationException)."""
-    chain = [error]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    return chain
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -7,20 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # reliability_helpers and reliability_probes (also subprocesses)
     sys.path.insert(0, str(HERE))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads of a tiny model only fight each other (and the other workers) here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

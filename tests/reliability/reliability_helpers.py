@@ -16,21 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
 
-from ssl_mt.config import CONF_DIR, register_resolvers
+from tests.helpers import cause_chain, compose_app  # noqa: F401 - re-exported to the tests
 
 HERE = Path(__file__).resolve().parent
 
 PROBES = "reliability_probes"
 # A subprocess that imports torch + lightning + timm on a loaded 2-core box needs ~10-20 s.
 START_TIMEOUT_S = 240
-
-
-def compose_app(app: str, overrides: Sequence[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=app, overrides=["run_dir=/tmp/unused", *overrides])
 
 
 def tiny_overrides(app: str, root: Path, *extra: str) -> list[str]:
@@ -136,10 +129,3 @@ def sigkill(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-
-
-def cause_chain(error: BaseException) -> list[BaseException]:
-    chain = [error]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    return chain
