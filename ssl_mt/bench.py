@@ -801,8 +801,16 @@ class Bench:
     ) -> None:
         self.memory.start()
         timer = time_device_steps(bench.step, batch_data, self.s, self.device)
-        seconds = timer.device_s
-        row = Row(
+        row = self._timed_row(
+            name, size, batch, images, timer.device_s, self.memory.peak_mib(bench.host_baseline)
+        )
+        self._add(row, timer)
+
+    def _timed_row(
+        self, name: str, size: int, batch: int, images: int, seconds: float, peak: Any, **extra: Any
+    ) -> Row:
+        """A table row from the time ``self.s.steps`` steps took."""
+        return Row(
             row=name,
             size=size,
             batch=batch,
@@ -810,9 +818,9 @@ class Bench:
             images_per_s=images * self.s.steps / seconds,
             step_ms=1000.0 * seconds / self.s.steps,
             steps=self.s.steps,
-            peak_mem_mib=self.memory.peak_mib(bench.host_baseline),
+            peak_mem_mib=peak,
+            **extra,
         )
-        self._add(row, timer)
 
     def _e2e_row(
         self,
@@ -834,15 +842,13 @@ class Bench:
             del loader
             gc.collect()  # the loader's workers end with it (cheap: see run_bench)
         wall = timer.wall
-        row = Row(
-            row=name,
-            size=size,
-            batch=batch,
-            images_per_step=images,
-            images_per_s=images * self.s.steps / wall,
-            step_ms=1000.0 * wall / self.s.steps,
-            steps=self.s.steps,
-            peak_mem_mib=peak,
+        row = self._timed_row(
+            name,
+            size,
+            batch,
+            images,
+            wall,
+            peak,
             data_wait=waited / wall,
             workers=max(self.s.workers),
         )
