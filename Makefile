@@ -43,10 +43,13 @@ check: $(STAMP) ## Validate a dataset: make check DATA=/path/to/root
 preview: $(STAMP) ## Draw a grid of samples with masks and labels: make preview DATA=...
 	$(PY) -m ssl_mt.data preview $(DATA) --out $(DATA)/preview.png
 
-pretrain: $(STAMP) ## SimCLR pretraining: make pretrain ARGS="experiment=quick"
+# The default dataset is generated first unless ARGS points data.root elsewhere.
+DEFAULT_DATA := $(if $(findstring data.root=,$(ARGS)),,$(DATA)/labels.csv)
+
+pretrain: $(STAMP) $(DEFAULT_DATA) ## SimCLR pretraining: make pretrain ARGS="experiment=quick"
 	$(PY) -m ssl_mt.pretrain $(ARGS)
 
-finetune: $(STAMP) ## Multi-task fine-tuning: make finetune ARGS="experiment=quick backbone.weights=..."
+finetune: $(STAMP) $(DEFAULT_DATA) ## Multi-task fine-tuning: make finetune ARGS="experiment=quick backbone.weights=..."
 	$(PY) -m ssl_mt.finetune $(ARGS)
 
 compare: $(STAMP) ## Compare runs: make compare RUNS="runs/finetune/mt/X runs/finetune/mt_ssl/Y" [REPORT=dir]
