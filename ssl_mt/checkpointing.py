@@ -91,12 +91,6 @@ def is_loadable(path: Path) -> bool:
     return True
 
 
-def checkpoint_progress(path: str | Path) -> tuple[int, int]:
-    """(epoch, global_step) stored in a Lightning checkpoint."""
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(state.get("epoch", 0)), int(state.get("global_step", 0))
-
-
 def latest_run_with_checkpoint(experiment_dir: Path, exclude: Path | None = None) -> Path | None:
     """The most recent run folder below ``experiment_dir`` holding a loadable last.ckpt."""
     if not experiment_dir.is_dir():

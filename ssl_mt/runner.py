@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -139,10 +140,10 @@ def newest_loadable(paths: list[Path]) -> Path | None:
 
 def _abandon_fresh_run_dir(run_dir: Path) -> None:
     """Removes the folder Hydra just created for a run that continues another one."""
-    fresh = {".hydra", f"{run_dir.name}.log"} | {p.name for p in run_dir.glob("*.log")}
-    if run_dir.is_dir() and all(p.name in fresh for p in run_dir.iterdir()):
-        import shutil
-
+    # Only what Hydra writes at start-up: the composed config and the job's log.
+    if run_dir.is_dir() and all(
+        p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()
+    ):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

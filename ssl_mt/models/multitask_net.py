@@ -152,7 +152,3 @@ class MultiTaskNet(nn.Module):
                 f"{self.backbone_name}: this timm encoder has no activation checkpointing"
             )
         encoder.set_grad_checkpointing(enable)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
