@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import group_options, load_group, load_tasks_config
 from ssl_mt.data.datamodules import MultiTaskDataModule, SSLDataModule
 from ssl_mt.data.manifest import MANIFEST_NAME
 from ssl_mt.data.synthetic import generate_dataset
@@ -62,7 +62,7 @@ from ssl_mt.models.backbone import create_backbone
 from ssl_mt.models.multitask import MultiTaskModule
 from ssl_mt.models.simclr import SimCLRModule
 from ssl_mt.optim import build_optimizer, decay_groups
-from ssl_mt.runner import backbone_kwargs
+from ssl_mt.runner import backbone_kwargs, plain
 from ssl_mt.tasks import TaskSpec, parse_tasks
 
 STEP_ROWS = ("ceiling", "simclr", "simclr_e2e", "mt", "mt_e2e")
@@ -250,11 +250,8 @@ def parse_only(only: Sequence[str] | str | None) -> list[str]:
 # Configuration through the project's own config files
 # ---------------------------------------------------------------------------------------------
 def _conf(group: str, name: str) -> dict[str, Any]:
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ValueError(f"no conf/{group}/{name}.yaml; options: {options}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    """A config option as the apps compose it (interpolations resolved)."""
+    return plain(load_group(group, name))
 
 
 def backbone_config(name: str) -> dict[str, Any]:
@@ -262,9 +259,9 @@ def backbone_config(name: str) -> dict[str, Any]:
 
     A model without an entry gets plain defaults (no drop path, smp's decoder widths).
     """
-    for path in sorted((CONF_DIR / "backbone").glob("*.yaml")):
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        if isinstance(cfg, dict) and cfg.get("name") == name:
+    for option in group_options("backbone"):
+        cfg = _conf("backbone", option)
+        if cfg.get("name") == name:
             break
     else:
         cfg = {"name": name, "grad_checkpointing": False, "drop_path_rate": 0.0}
@@ -505,7 +502,7 @@ def build_multitask(
     baseline = memory.host_baseline()
     backbone = backbone_config(s.backbone)
     # conf/model/unet.yaml takes its decoder widths from the backbone entry (interpolation).
-    unet = OmegaConf.load(CONF_DIR / "model" / "unet.yaml")
+    unet = load_group("model", "unet")
     model_cfg = {
         "arch": str(unet.get("arch", "unet")),
         "head_dropout": float(unet.get("head_dropout", 0.2)),

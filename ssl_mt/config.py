@@ -1,14 +1,32 @@
-"""Where the Hydra configs live, the OmegaConf resolvers they use, and small loaders."""
+"""Where the Hydra configs live, the OmegaConf resolvers they use, and the one config loader.
+
+Every config the project reads — the two apps, the data CLI, the benchmark, the tests — is
+composed by Hydra over the same tree (:func:`compose`), so defaults lists, interpolations,
+experiments and a user's own config folder (Hydra's search path) mean the same everywhere.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def _find_conf_dir() -> Path:
+    """``conf/`` of this installation: inside the package in a wheel, at the repo top level
+    in a checkout (``pyproject.toml`` maps the one onto the other)."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    if (packaged / "finetune.yaml").is_file():
+        return packaged
+    return package.parent / "conf"
+
+
+CONF_DIR = _find_conf_dir()
+APPS = ("pretrain", "finetune")
 
 
 def _total_epochs(stages: Any) -> int:
@@ -41,24 +59,108 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-def load_tasks_config(name_or_path: str | Path = "default") -> DictConfig:
-    """Loads a ``conf/tasks`` option by name (``default``) or a YAML file by path.
+def _search_path_override(config_dirs: Sequence[str | Path]) -> list[str]:
+    if not config_dirs:
+        return []
+    paths = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
+    return [f"hydra.searchpath=[{paths}]"]
 
-    Resolves the option's own ``defaults`` list (one level) the way Hydra would.
+
+def compose(
+    app: str,
+    overrides: Sequence[str] = (),
+    config_dirs: Sequence[str | Path] = (),
+) -> DictConfig:
+    """The config of ``app`` (``pretrain`` | ``finetune``) composed as its command line would.
+
+    Args:
+        app: The Hydra app whose primary config is composed.
+        overrides: Hydra overrides, e.g. ``["experiment=quick", "data.root=DIR"]``.
+        config_dirs: Extra config folders (Hydra's search path; the same folder layout as
+            ``conf/``): a user's own experiments, tasks or augment presets, found by name.
+
+    ``run_dir`` (Hydra's output dir, which exists only inside a running app) defaults to
+    ``runs/<app>/composed``; pass ``run_dir=...`` to change it.
     """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if app not in APPS:
+        raise ValueError(f"unknown app {app!r}; choose from {list(APPS)}")
+    register_resolvers()
+    overrides = list(overrides)
+    if not any(o.startswith("run_dir=") for o in overrides):
+        overrides.insert(0, f"run_dir=runs/{app}/composed")
+    overrides = _search_path_override(config_dirs) + overrides
+    # compose() outside a running app must not disturb one that is running (notebooks, tests).
+    previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    if previous is not None:
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=app, overrides=overrides)
+    finally:
+        if previous is not None:
+            GlobalHydra.instance().initialize(previous)
+
+
+def group_options(group: str, config_dirs: Sequence[str | Path] = ()) -> list[str]:
+    """The option names of a config group, in ``conf/`` and the extra config folders."""
+    folders = [CONF_DIR, *(Path(d) for d in config_dirs)]
+    return sorted({p.stem for folder in folders for p in (folder / group).glob("*.yaml")})
+
+
+def app_groups(app: str) -> set[str]:
+    """The config groups in ``app``'s defaults list."""
+    defaults = OmegaConf.load(CONF_DIR / f"{app}.yaml").get("defaults", [])
+    return {
+        next(iter(entry)).split("@")[0].lstrip("/")
+        for entry in OmegaConf.to_container(defaults)
+        if isinstance(entry, dict)
+    }
+
+
+def load_group(
+    group: str,
+    name_or_path: str | Path,
+    app: str | None = None,
+    config_dirs: Sequence[str | Path] = (),
+) -> DictConfig:
+    """One option of a config group, composed with the rest of an app's config.
+
+    ``app`` defaults to the first app (finetune, then pretrain) whose defaults hold ``group``.
+
+    ``name_or_path`` is an option name (``default``) or the path of a YAML file laid out as
+    in ``conf/`` (``MYCONF/tasks/mine.yaml``: its folder's parent joins the search path).
+    """
+    config_dirs = list(config_dirs)
+    name = str(name_or_path)
     path = Path(name_or_path)
-    if not path.suffix:
-        path = CONF_DIR / "tasks" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in (CONF_DIR / "tasks").glob("*.yaml"))
-        raise FileNotFoundError(f"no task config {name_or_path!r}; options: {options}")
-    config = OmegaConf.load(path)
-    defaults = config.pop("defaults", [])
-    merged = OmegaConf.create()
-    for entry in defaults:
-        if entry != "_self_":
-            merged = OmegaConf.merge(merged, load_tasks_config(path.parent / f"{entry}.yaml"))
-    return OmegaConf.merge(merged, config)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"no {group} config file {path}")
+        if path.parent.name != group:
+            raise ValueError(
+                f"{path}: a {group} option must live in a folder named {group!r} of a config "
+                f"folder (e.g. myconf/{group}/{path.name}), which joins Hydra's search path"
+            )
+        config_dirs.append(path.parent.parent)
+        name = path.stem
+    if name not in group_options(group, config_dirs):
+        raise FileNotFoundError(
+            f"no {group} config {name!r}; options: {group_options(group, config_dirs)}"
+        )
+    if app is None:
+        app = next((a for a in ("finetune", "pretrain") if group in app_groups(a)), None)
+        if app is None:
+            raise ValueError(f"no app has a config group {group!r}")
+    return compose(app, [f"{group}={name}"], config_dirs)[group]
+
+
+def load_tasks_config(name_or_path: str | Path = "default") -> DictConfig:
+    """The ``tasks`` option ``name_or_path`` (see :func:`load_group`)."""
+    return load_group("tasks", name_or_path)
 
 
 register_resolvers()
@@ -80,12 +182,7 @@ def check_top_level_keys(cfg: DictConfig, app: str) -> None:
     import difflib
 
     primary = OmegaConf.load(CONF_DIR / f"{app}.yaml")
-    groups = {
-        next(iter(entry)).split("@")[0].lstrip("/")
-        for entry in OmegaConf.to_container(primary.get("defaults", []))
-        if isinstance(entry, dict)
-    }
-    known = (set(primary.keys()) - {"defaults"}) | groups | {"hydra"}
+    known = (set(primary.keys()) - {"defaults"}) | app_groups(app) | {"hydra"}
     for key in cfg:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=3)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hydra import compose, initialize_config_dir
-
-from ssl_mt.config import CONF_DIR, register_resolvers
+from ssl_mt.config import compose
 
 
 def compose_app(app: str, overrides: Sequence[str]):
@@ -15,9 +13,7 @@ def compose_app(app: str, overrides: Sequence[str]):
     ``run_dir`` (Hydra's output dir outside a Hydra app) defaults to a path no test writes;
     tests that run pass their own.
     """
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=app, overrides=["run_dir=/tmp/unused", *overrides])
+    return compose(app, ["run_dir=/tmp/unused", *overrides])
 
 
 def cause_chain(error: BaseException) -> list[BaseException]:

@@ -145,7 +145,8 @@ def test_config_errors_name_the_task_and_key(config: dict[str, Any], pattern: st
 
 def test_config_errors_through_omegaconf(tmp_path) -> None:
     """The same checks apply to a DictConfig loaded from a YAML file."""
-    path = tmp_path / "mine.yaml"
+    path = tmp_path / "tasks" / "mine.yaml"
+    path.parent.mkdir()
     path.write_text("blur:\n  kind: classification\n  classes: [a, b]\n  weight: 2\n")
     with pytest.raises(TaskConfigError, match=r"tasks\.blur: unknown key.*weight"):
         parse_tasks(load_tasks_config(path))

@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.image_io import BadSampleError
 from ssl_mt.data.manifest import ManifestError
 from ssl_mt.tasks import TaskConfigError, TaskSpec, parse_tasks
@@ -148,17 +148,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def load_augment_config(name_or_path: str) -> DictConfig:
-    """Loads a ``conf/augment`` preset by name (``simclr``, ``skin``) or a YAML file by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONF_DIR / "augment" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in (CONF_DIR / "augment").glob("*.yaml"))
-        raise FileNotFoundError(f"no augment config {name_or_path!r}; options: {options}")
-    config = OmegaConf.load(path)
-    if not isinstance(config, DictConfig):
-        raise ValueError(f"{path}: an augment config must be a mapping")
-    return config
+    """A ``conf/augment`` preset by name (``simclr``, ``skin``) or a YAML file laid out as in
+    ``conf/`` (``myconf/augment/mine.yaml``)."""
+    return load_group("augment", name_or_path)
 
 
 if __name__ == "__main__":
