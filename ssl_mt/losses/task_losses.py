@@ -7,14 +7,11 @@ no host-device synchronisation in the training step.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss, SoftBCEWithLogitsLoss
+from segmentation_models_pytorch.losses import SoftBCEWithLogitsLoss
 from torch import Tensor, nn
 
 from ssl_mt.tasks import TaskSpec
-
-_IGNORE = -1
 
 
 def masked_mean(per_sample: Tensor, present: Tensor) -> Tensor:
@@ -23,35 +20,53 @@ def masked_mean(per_sample: Tensor, present: Tensor) -> Tensor:
     return (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-class MaskedSegmentationLoss(nn.Module):
-    """BCE + Dice (segmentation_models_pytorch losses) over the labeled samples of a batch.
+def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """Per-sample soft Dice loss of (N, 1, H, W) logits against {0, 1} masks: (N,).
 
-    BCE is the mean over the pixels of each labeled sample, averaged over labeled samples.
-    Dice is computed over all pixels of the labeled samples of the batch; unlabeled
-    samples are excluded through Dice's ``ignore_index``.
+    ``1 - (2·Σ p·t + smooth) / (Σ p + Σ t + smooth)`` over each sample's pixels. Per sample
+    (not over the batch's pixels) so that a batch's loss is a mean over samples, which can be
+    reduced exactly across ranks and micro-batches; ``smooth`` keeps an empty mask's loss
+    defined, with a gradient that pushes the prediction towards empty.
+    """
+    probs = logits.float().sigmoid().flatten(1)
+    target = target.float().flatten(1)
+    intersection = (probs * target).sum(dim=1)
+    cardinality = probs.sum(dim=1) + target.sum(dim=1)
+    return 1.0 - (2.0 * intersection + smooth) / (cardinality + smooth)
+
+
+class MaskedSegmentationLoss(nn.Module):
+    """BCE + soft Dice per sample, averaged over the labeled samples of a batch.
+
+    BCE is segmentation_models_pytorch's (mean over each sample's pixels); Dice is the
+    per-sample soft Dice of :func:`soft_dice_loss`.
 
     Args:
         bce_weight: Weight of the BCE term.
         dice_weight: Weight of the Dice term.
+        dice_smooth: Additive smoothing of the Dice ratio.
     """
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
+    def __init__(
+        self, bce_weight: float = 1.0, dice_weight: float = 1.0, dice_smooth: float = 1.0
+    ) -> None:
         super().__init__()
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
+        self.dice_smooth = dice_smooth
         self.bce = SoftBCEWithLogitsLoss(reduction="none", ignore_index=None)
-        self.dice = DiceLoss(mode="binary", from_logits=True, ignore_index=_IGNORE)
+
+    def per_sample(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The loss of every sample, labeled or not: (N,) from (N, 1, H, W) logits/masks."""
+        logits = logits.float()
+        loss = self.bce_weight * self.bce(logits, target.float()).flatten(1).mean(dim=1)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.dice_smooth)
+        return loss
 
     def forward(self, logits: Tensor, target: Tensor, present: Tensor) -> Tensor:
-        """Loss of (N, 1, H, W) logits against (N, 1, H, W) {0, 1} masks; present is (N,)."""
-        logits = logits.float()
-        bce = self.bce(logits, target).flatten(1).mean(dim=1)
-        loss = self.bce_weight * masked_mean(bce, present)
-        if self.dice_weight:
-            dice_target = torch.where(present[:, None, None, None], target, _IGNORE)
-            dice = self.dice(logits, dice_target)
-            loss = loss + self.dice_weight * dice * present.any().to(dice.dtype)
-        return loss
+        """Mean loss over the samples where ``present`` (N,) is True; 0 if none."""
+        return masked_mean(self.per_sample(logits, target), present)
 
 
 class MaskedClassificationLoss(nn.Module):
@@ -61,15 +76,19 @@ class MaskedClassificationLoss(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: Tensor, target: Tensor, present: Tensor) -> Tensor:
-        """Loss of (N, C) logits against (N,) class indices (-1 = unlabeled)."""
-        per_sample = F.cross_entropy(
+    def per_sample(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The loss of every sample: (N,) from (N, C) logits and (N,) indices (-1 = unlabeled,
+        whose entry is a placeholder to be masked out)."""
+        return F.cross_entropy(
             logits.float(),
             target.clamp(min=0),
             reduction="none",
             label_smoothing=self.label_smoothing,
         )
-        return masked_mean(per_sample, present)
+
+    def forward(self, logits: Tensor, target: Tensor, present: Tensor) -> Tensor:
+        """Mean loss over the samples where ``present`` (N,) is True; 0 if none."""
+        return masked_mean(self.per_sample(logits, target), present)
 
 
 def build_task_loss(task: TaskSpec) -> nn.Module:
