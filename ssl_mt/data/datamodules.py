@@ -129,7 +129,8 @@ class _StagedDataModule(L.LightningDataModule):
     stage (so persistent workers live on), resumed at the right batch, and evaluation
     loaders built once.
 
-    Subclasses set ``schedule``, ``settings``, ``seed``, ``on_bad_sample`` and implement
+    Subclasses set ``schedule``, ``settings``, ``seed``, ``on_bad_sample``,
+    ``reduced_decoding`` and implement
     :meth:`train_dataset` and :attr:`num_train_samples`.
     """
 
@@ -185,6 +186,7 @@ class _StagedDataModule(L.LightningDataModule):
             build_finetune_transform(self.augment, size, train=False),
             self.seed,
             self.on_bad_sample,
+            self.reduced_decoding,
         )
         return self.settings.loader(
             dataset,
@@ -207,6 +209,8 @@ class MultiTaskDataModule(_StagedDataModule):
         eval_batch_size: Per-device batch size of evaluation loaders.
         augment: The ``finetune`` augment config.
         size_multiple: Sizes must be multiples of this (the encoder's output stride).
+        reduced_decoding: Decode JPEGs at 1/2, 1/4 or 1/8 scale when the stage's smallest
+            crop still covers its output size (masks follow); False: always in full.
     """
 
     def __init__(
@@ -225,6 +229,7 @@ class MultiTaskDataModule(_StagedDataModule):
         on_bad_sample: OnBadSample = "raise",
         size_multiple: int = 32,
         seed: int = 0,
+        reduced_decoding: bool = True,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -242,6 +247,7 @@ class MultiTaskDataModule(_StagedDataModule):
         self.val_fraction = val_fraction
         self.on_bad_sample = on_bad_sample
         self.seed = seed
+        self.reduced_decoding = reduced_decoding
         self.settings = _LoaderSettings(
             num_workers, pin_memory, persistent_workers, prefetch_factor, seed
         )
@@ -267,7 +273,12 @@ class MultiTaskDataModule(_StagedDataModule):
             self.augment, stage.size, train=True, strength=stage.aug_strength
         )
         return MultiTaskDataset(
-            self.samples["train"], self.tasks, transform, self.seed, self.on_bad_sample
+            self.samples["train"],
+            self.tasks,
+            transform,
+            self.seed,
+            self.on_bad_sample,
+            self.reduced_decoding,
         )
 
     def _eval_loaders_for(self, split: str) -> list[DataLoader]:
@@ -308,6 +319,8 @@ class SSLDataModule(_StagedDataModule):
         views: The method's view declaration (see :class:`ssl_mt.data.transforms.ViewSpec`):
             global and local (multi-crop) views; replaces ``n_views``.
         source: ``auto`` (csv when present), ``manifest`` or ``folder``.
+        reduced_decoding: Decode JPEGs at 1/2, 1/4 or 1/8 scale when every view's smallest
+            crop still covers its output size; False: always in full.
     """
 
     def __init__(
@@ -331,6 +344,7 @@ class SSLDataModule(_StagedDataModule):
         on_bad_sample: OnBadSample = "raise",
         size_multiple: int = 1,
         seed: int = 0,
+        reduced_decoding: bool = True,
     ) -> None:
         super().__init__()
         if source not in ("auto", "manifest", "folder"):
@@ -365,6 +379,7 @@ class SSLDataModule(_StagedDataModule):
         self.val_fraction = val_fraction
         self.on_bad_sample = on_bad_sample
         self.seed = seed
+        self.reduced_decoding = reduced_decoding
         self.settings = _LoaderSettings(
             num_workers, pin_memory, persistent_workers, prefetch_factor, seed
         )
@@ -417,7 +432,11 @@ class SSLDataModule(_StagedDataModule):
     def train_dataset(self, stage_index: int) -> MultiViewDataset:
         size = self.schedule.stages[stage_index].size
         return MultiViewDataset(
-            self.images, self.view_transforms(size), self.seed, self.on_bad_sample
+            self.images,
+            self.view_transforms(size),
+            self.seed,
+            self.on_bad_sample,
+            self.reduced_decoding,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

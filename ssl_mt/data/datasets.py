@@ -20,6 +20,8 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 
 from ssl_mt.data.image_io import BadSampleError, read_image, read_mask
 from ssl_mt.data.manifest import Sample
+from ssl_mt.data.reduced_decoding import ReducedImage, read_reduced_jpeg
+from ssl_mt.data.transforms import DECODED_AT, decode_reduction
 from ssl_mt.tasks import TaskSpec
 
 OnBadSample = Literal["raise", "skip"]
@@ -66,11 +68,26 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int]:
 
 
 class _SeededDataset(Dataset):
-    def __init__(self, seed: int, on_bad_sample: OnBadSample) -> None:
+    def __init__(self, seed: int, on_bad_sample: OnBadSample, reduced_decoding: bool) -> None:
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.seed = seed
         self.on_bad_sample = on_bad_sample
+        self.reduced_decoding = reduced_decoding
+
+    def _decode(
+        self, path: Path, transforms: Sequence[A.Compose]
+    ) -> tuple[np.ndarray, ReducedImage | None]:
+        """The RGB image, at the smallest JPEG scale every transform can crop without
+        upsampling (see :func:`~ssl_mt.data.transforms.decode_reduction`), else in full."""
+        if self.reduced_decoding:
+            distinct = list({id(t): t for t in transforms}.values())
+            reduced = read_reduced_jpeg(
+                path, lambda h, w: min(decode_reduction(t, h, w) for t in distinct)
+            )
+            if reduced is not None:
+                return reduced.image, reduced
+        return read_image(path), None
 
     def _load(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -102,6 +119,9 @@ class MultiTaskDataset(_SeededDataset):
     "index": int}``. Segmentation targets are (1,H,W) float masks in {0,1}; classification
     targets are class indices (-1 when unlabeled). An unlabeled task gets a dummy target
     and ``present=False``, so losses and metrics skip it.
+
+    With ``reduced_decoding`` a JPEG is decoded at the smallest scale the transform's crop
+    allows and its masks are sampled onto that image's pixel grid.
     """
 
     def __init__(
@@ -111,8 +131,9 @@ class MultiTaskDataset(_SeededDataset):
         transform: A.Compose,
         seed: int = 0,
         on_bad_sample: OnBadSample = "raise",
+        reduced_decoding: bool = True,
     ) -> None:
-        super().__init__(seed, on_bad_sample)
+        super().__init__(seed, on_bad_sample, reduced_decoding)
         self.samples = list(samples)
         self.tasks = list(tasks)
         self.seg_tasks = [t for t in self.tasks if t.is_segmentation]
@@ -127,16 +148,20 @@ class MultiTaskDataset(_SeededDataset):
 
     def _load(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = read_image(sample.image)
-        hw = image.shape[:2]
+        image, reduced = self._decode(sample.image, [self.transform])
         masks = []
         for task in self.seg_tasks:
             path = sample.labels.get(task.name)
-            masks.append(read_mask(path, hw) if path is not None else np.zeros(hw, np.uint8))
+            if path is None:
+                masks.append(np.zeros(image.shape[:2], np.uint8))
+            elif reduced is None:
+                masks.append(read_mask(path, image.shape[:2]))
+            else:  # checked at full size, then onto the reduced image's grid
+                masks.append(reduced.reduce_mask(read_mask(path, reduced.full_hw)))
+        data = {"image": image, **_decoded_at(reduced)}
         if masks:
-            out = self._seeded(self.transform)(image=image, masks=masks)
-        else:
-            out = self._seeded(self.transform)(image=image)
+            data["masks"] = masks
+        out = self._seeded(self.transform)(**data)
         target: dict[str, torch.Tensor] = {}
         present: dict[str, torch.Tensor] = {}
         for k, task in enumerate(self.seg_tasks):
@@ -152,7 +177,8 @@ class MultiTaskDataset(_SeededDataset):
 class MultiViewDataset(_SeededDataset):
     """Several augmented views of one image, decoded once per item.
 
-    Items are ``{"views": [tensor, ...], "index": int}``, one view per transform.
+    Items are ``{"views": [tensor, ...], "index": int}``, one view per transform. With
+    ``reduced_decoding`` a JPEG is decoded at the smallest scale that every view's crop allows.
     """
 
     def __init__(
@@ -161,8 +187,9 @@ class MultiViewDataset(_SeededDataset):
         view_transforms: Sequence[A.Compose],
         seed: int = 0,
         on_bad_sample: OnBadSample = "raise",
+        reduced_decoding: bool = True,
     ) -> None:
-        super().__init__(seed, on_bad_sample)
+        super().__init__(seed, on_bad_sample, reduced_decoding)
         if len(view_transforms) < 1:
             raise ValueError("MultiViewDataset needs at least one view transform")
         self.images = list(images)
@@ -175,12 +202,18 @@ class MultiViewDataset(_SeededDataset):
         return f"image {self.images[index]}"
 
     def _load(self, index: int) -> dict[str, Any]:
-        image = read_image(self.images[index])
+        image, reduced = self._decode(self.images[index], self.view_transforms)
+        at = _decoded_at(reduced)
         views = [
-            self._seeded(transform, offset=v)(image=image)["image"]
+            self._seeded(transform, offset=v)(image=image, **at)["image"]
             for v, transform in enumerate(self.view_transforms)
         ]
         return {"views": views}
+
+
+def _decoded_at(reduced: ReducedImage | None) -> dict[str, Any]:
+    """Pipeline data that lets the crop be drawn as on the full image."""
+    return {} if reduced is None else {DECODED_AT: reduced.geometry}
 
 
 def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
