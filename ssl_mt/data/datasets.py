@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from ssl_mt.data.decode_scale import DECODED_AT, CropNeedsFullDecoding, planned_reduction
 from ssl_mt.data.image_io import BadSampleError, read_image, read_mask
 from ssl_mt.data.manifest import Sample
 from ssl_mt.data.reduced_decoding import ReducedImage, read_reduced_jpeg
-from ssl_mt.data.transforms import DECODED_AT, decode_reduction
 from ssl_mt.tasks import TaskSpec
 
 OnBadSample = Literal["raise", "skip"]
@@ -76,20 +76,24 @@ class _SeededDataset(Dataset):
         self.reduced_decoding = reduced_decoding
 
     def _decode(
-        self, path: Path, transforms: Sequence[A.Compose]
+        self, path: Path, calls: Sequence[tuple[A.Compose, int]], reduce: bool
     ) -> tuple[np.ndarray, ReducedImage | None]:
-        """The RGB image, at the smallest JPEG scale every transform can crop without
-        upsampling (see :func:`~ssl_mt.data.transforms.decode_reduction`), else in full."""
-        if self.reduced_decoding:
-            distinct = list({id(t): t for t in transforms}.values())
-            reduced = read_reduced_jpeg(
-                path, lambda h, w: min(decode_reduction(t, h, w) for t in distinct)
-            )
+        """The RGB image, at the smallest JPEG scale at which the crop of every coming call
+        ``(transform, seed offset)`` is still not upsampled (see
+        :func:`~ssl_mt.data.decode_scale.planned_reduction`), else in full."""
+        if reduce:
+
+            def reduction_for(height: int, width: int) -> int:
+                return min(
+                    planned_reduction(self._seeded(t, offset), height, width) for t, offset in calls
+                )
+
+            reduced = read_reduced_jpeg(path, reduction_for)
             if reduced is not None:
                 return reduced.image, reduced
         return read_image(path), None
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _load(self, index: int, reduce: bool) -> dict[str, Any]:
         raise NotImplementedError
 
     def _describe(self, index: int) -> str:
@@ -99,7 +103,10 @@ class _SeededDataset(Dataset):
         epoch, index = _split_key(key)
         self._epoch_seed = sample_seed(self.seed, epoch, index)
         try:
-            item = self._load(index)
+            try:
+                item = self._load(index, self.reduced_decoding)
+            except CropNeedsFullDecoding:  # a plan that did not hold: exact, only slower
+                item = self._load(index, reduce=False)
         except BadSampleError as error:
             if self.on_bad_sample == "raise":
                 raise BadSampleError(f"{error} ({self._describe(index)})", error.path) from None
@@ -146,9 +153,9 @@ class MultiTaskDataset(_SeededDataset):
         sample = self.samples[index]
         return f"labels.csv row {sample.row}, image {sample.image}"
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _load(self, index: int, reduce: bool) -> dict[str, Any]:
         sample = self.samples[index]
-        image, reduced = self._decode(sample.image, [self.transform])
+        image, reduced = self._decode(sample.image, [(self.transform, 0)], reduce)
         masks = []
         for task in self.seg_tasks:
             path = sample.labels.get(task.name)
@@ -201,8 +208,9 @@ class MultiViewDataset(_SeededDataset):
     def _describe(self, index: int) -> str:
         return f"image {self.images[index]}"
 
-    def _load(self, index: int) -> dict[str, Any]:
-        image, reduced = self._decode(self.images[index], self.view_transforms)
+    def _load(self, index: int, reduce: bool) -> dict[str, Any]:
+        calls = [(t, v) for v, t in enumerate(self.view_transforms)]
+        image, reduced = self._decode(self.images[index], calls, reduce)
         at = _decoded_at(reduced)
         views = [
             self._seeded(transform, offset=v)(image=image, **at)["image"]

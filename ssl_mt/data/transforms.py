@@ -7,8 +7,7 @@ resolution changes them between epochs.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -17,34 +16,10 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 from hydra.utils import instantiate
 
-from ssl_mt.data.reduced_decoding import REDUCTIONS, DecodeGeometry, reduced_shape
+from ssl_mt.data.decode_scale import RandomResizedCrop
 
 # Nearest neighbour that samples pixel centres like the bilinear image resize does.
 _MASK_RESIZE = cv2.INTER_NEAREST_EXACT
-# Data key of a pipeline call: the DecodeGeometry of an image decoded at reduced scale.
-DECODED_AT = "decoded_at"
-
-
-class RandomResizedCrop(A.RandomResizedCrop):
-    """albumentations' ``RandomResizedCrop``, drawn on the full image when the image was
-    decoded at reduced scale.
-
-    Called with ``decoded_at=DecodeGeometry(...)``, the crop is drawn as on the full-size
-    image (the same random numbers: the same crop, and the same draws for every later
-    operation, as with full decoding) and then placed on the reduced image's grid.
-    """
-
-    def get_params_dependent_on_data(
-        self, params: dict[str, Any], data: dict[str, Any]
-    ) -> dict[str, tuple[int, int, int, int]]:
-        geometry: DecodeGeometry | None = data.get(DECODED_AT)
-        if geometry is None or geometry.factor == 1:
-            return super().get_params_dependent_on_data(params, data)
-        full = {**params, "shape": (geometry.height, geometry.width)}
-        x1, y1, x2, y2 = super().get_params_dependent_on_data(full, data)["crop_coords"]
-        top, bottom = geometry.span(y1, y2, axis=0)
-        left, right = geometry.span(x1, x2, axis=1)
-        return {"crop_coords": (left, top, right, bottom)}
 
 
 def _normalize(cfg: Mapping[str, Any]) -> list[A.BasicTransform]:
@@ -234,71 +209,3 @@ def build_finetune_transform(
             )
         )
     return A.Compose([*ops, *_extra(cfg), *_normalize(cfg)])
-
-
-def smallest_crop(op: A.BasicTransform, height: int, width: int) -> tuple[int, int] | None:
-    """The smallest (height, width) the first geometric ``op`` can take of an image.
-
-    ``RandomResizedCrop`` draws an area fraction and an aspect ratio (rejecting crops that do
-    not fit, falling back to a centre crop): its smallest sides come from the lowest area
-    and the extreme ratios, rounded as albumentations rounds them. ``Resize`` takes the whole
-    image. Any other operation: None (nothing known, so nothing may be reduced).
-    """
-    if isinstance(op, A.RandomResizedCrop):
-        low = op.scale[0] * height * width
-        ratio_low, ratio_high = op.ratio
-        crop_h = round(math.sqrt(low / ratio_high))
-        crop_w = round(math.sqrt(low * ratio_low))
-        in_ratio = width / height
-        if in_ratio < ratio_low:
-            fallback = (round(width / ratio_low), width)
-        elif in_ratio > ratio_high:
-            fallback = (height, round(height * ratio_high))
-        else:
-            fallback = (height, width)
-        return min(crop_h, fallback[0]), min(crop_w, fallback[1])
-    if isinstance(op, A.Resize):
-        return height, width
-    return None
-
-
-def _output_hw(op: A.BasicTransform) -> tuple[int, int]:
-    if isinstance(op, A.Resize):
-        return op.height, op.width
-    return tuple(op.size)
-
-
-def decode_reduction(
-    transform: A.Compose, height: int, width: int, reductions: Sequence[int] = REDUCTIONS
-) -> int:
-    """The largest JPEG reduction after which ``transform`` never upsamples its crop.
-
-    The pipelines built here start with their only resampling of the source image (a random
-    resized crop, or the evaluation resize); everything after it works at the output size.
-    An image decoded at ``1/s`` scale (``ceil(H/s) x ceil(W/s)``) is as good as the full one
-    when even the smallest crop, drawn on the full image and placed on the reduced grid
-    (:class:`RandomResizedCrop`: sides ``round(side / s)``), covers the output size: the
-    crop is then shrunk either way, from a DCT-domain mean instead of the full pixels.
-
-    Args:
-        transform: A pipeline of this module (its first operation decides).
-        height: Full image height (EXIF orientation applied).
-        width: Full image width.
-        reductions: Candidate reductions, largest first.
-
-    Returns:
-        The largest candidate that fits, or 1 (decode in full).
-    """
-    op = transform.transforms[0] if transform.transforms else None
-    if not isinstance(op, RandomResizedCrop | A.Resize):
-        return 1
-    smallest = smallest_crop(op, height, width)
-    out_h, out_w = _output_hw(op)
-    for factor in reductions:
-        if isinstance(op, A.Resize):
-            crop_h, crop_w = reduced_shape(height, width, factor)
-        else:
-            crop_h, crop_w = (max(1, round(side / factor)) for side in smallest)
-        if crop_h >= out_h and crop_w >= out_w:
-            return factor
-    return 1
