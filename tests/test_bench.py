@@ -167,7 +167,9 @@ def test_camera_size_photos_full_and_reduced_rows() -> None:
     )
     result = run_bench(settings)
 
-    assert result["meta"]["data"].startswith("camera-size synthetic: 5 JPEGs of 320x240")
+    assert result["meta"]["data"].startswith(
+        "camera-size synthetic: 5 JPEGs of 320x240 px (noise 4"
+    )
     rows = {(r["row"], r["decoding"]): r for r in result["rows"]}
     assert set(rows) == {(n, d) for n in DATA_ROWS for d in ("reduced", "full")}
     for name in DATA_ROWS:

@@ -101,6 +101,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar=("W", "H"),
         help="size of the generated photos (4000 3000: 12 MP)",
     )
+    parser.add_argument(
+        "--camera-noise",
+        type=float,
+        default=4.0,
+        help="noise of the generated photos in grey levels: sets their JPEG size (4: ~2.2 MB)",
+    )
     parser.add_argument("--out", help="also write the results as JSON to this file")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -134,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         decoding=args.decoding,
         camera=args.camera,
         camera_size=tuple(args.camera_size),
+        camera_noise=args.camera_noise,
     )
 
 

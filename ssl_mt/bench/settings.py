@@ -55,6 +55,8 @@ class BenchSettings:
         camera: Generate this many camera-size photos (``camera_size``, JPEG, with masks)
             instead of the small synthetic dataset (ignored with ``data``).
         camera_size: Width and height of the generated photos.
+        camera_noise: Gaussian noise (grey levels) of the generated photos: it sets their
+            JPEG size, and so the entropy decoding that no DCT scale avoids.
     """
 
     backbone: str | None = None
@@ -82,6 +84,7 @@ class BenchSettings:
     decoding: list[str] | None = None
     camera: int = 0
     camera_size: tuple[int, int] = (4000, 3000)
+    camera_noise: float = 4.0
 
     def resolved(self) -> BenchSettings:
         """A copy with every default filled in for the chosen device, validated."""
@@ -139,9 +142,10 @@ def _validate(s: BenchSettings) -> None:
     unknown = [d for d in s.decoding if d not in DECODINGS]
     if unknown:
         raise ValueError(f"--decoding: unknown {unknown}; choose from {list(DECODINGS)}")
-    if s.camera < 0 or min(s.camera_size) < 32:
+    if s.camera < 0 or min(s.camera_size) < 32 or s.camera_noise < 0:
         raise ValueError(
-            f"--camera must be >= 0 and --camera-size >= 32 px, got {s.camera} / {s.camera_size}"
+            "--camera must be >= 0, --camera-size >= 32 px and --camera-noise >= 0, got "
+            f"{s.camera} / {s.camera_size} / {s.camera_noise}"
         )
     if s.steps < 1 or s.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {s.steps} / {s.warmup}")

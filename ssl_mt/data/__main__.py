@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("root", type=Path)
     _add_tasks(check)
     check.add_argument("--workers", type=int, default=0, help="threads (0 = all cores)")
+    check.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="largest training size in px (default: the apps' default schedules)",
+    )
     check.set_defaults(run=_check)
 
     preview = commands.add_parser("preview", help="draw a grid of samples (or of SSL views)")
@@ -112,11 +118,25 @@ def _generate(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from ssl_mt.data.check import check_dataset, format_report
 
-    report = check_dataset(
-        args.root, _tasks(args.tasks), workers=args.workers, progress=sys.stderr.isatty()
-    )
+    tasks = _tasks(args.tasks)
+    report = check_dataset(args.root, tasks, workers=args.workers, progress=sys.stderr.isatty())
     print(format_report(report))
+    if report.samples:
+        print("\n".join(_size_lines(args, report.samples, tasks)))
     return 0 if report.ok else EXIT_PROBLEMS
+
+
+def _size_lines(args: argparse.Namespace, samples, tasks: list[TaskSpec]) -> list[str]:
+    """Median image and mask sizes against the training sizes of the apps' defaults."""
+    from ssl_mt.config import APPS, compose
+    from ssl_mt.data.size_report import format_sizes, summarize_sizes
+
+    configs = [compose(app) for app in APPS]
+    train_size = args.train_size or max(
+        int(stage.size) for cfg in configs for stage in cfg.schedule.stages
+    )
+    augments = [cfg.augment for cfg in configs]
+    return format_sizes(summarize_sizes(samples, tasks), train_size, augments, args.root)
 
 
 def _preview(args: argparse.Namespace) -> int:

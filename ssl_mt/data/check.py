@@ -45,6 +45,7 @@ class CheckReport:
             holds the number of samples per split.
         kinds: Per task, its kind (``segmentation`` / ``classification``).
         n_rows: Number of data rows in ``labels.csv``.
+        samples: The rows that parsed (their sizes are summarised by ``data check``).
     """
 
     root: Path
@@ -52,6 +53,7 @@ class CheckReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     n_rows: int = 0
+    samples: list[Sample] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -89,6 +91,7 @@ def check_dataset(
         )
     present = [t for t in tasks if t not in missing]
     samples, problems = parse_rows(root, table, present)
+    report.samples = list(samples)
     report.problems.extend(f"{manifest} {message}" for message in problems)
     report.counts = count_labels(samples, tasks)
     segmentation = [t for t in present if t.is_segmentation]
