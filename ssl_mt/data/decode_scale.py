@@ -109,17 +109,14 @@ def _output_hw(op: A.BasicTransform) -> tuple[int, int]:
 def decode_reduction(
     transform: A.Compose, height: int, width: int, reductions: Sequence[int] = REDUCTIONS
 ) -> int:
-    """The largest JPEG reduction after which ``transform`` never upsamples its crop.
+    """The largest JPEG reduction at which even the stage's smallest crop covers the output.
 
-    The pipelines built here start with their only resampling of the source image (a random
-    resized crop, or the evaluation resize); everything after it works at the output size.
-    An image decoded at ``1/s`` scale (``ceil(H/s) x ceil(W/s)``) is as good as the full one
-    when even the smallest crop, drawn on the full image and placed on the reduced grid
-    (:class:`RandomResizedCrop`: sides ``round(side / s)``), covers the output size: the
-    crop is then shrunk either way, from a DCT-domain mean instead of the full pixels.
+    The smallest crop is drawn on the full image and placed on the reduced grid
+    (:class:`RandomResizedCrop`: sides ``round(side / s)``); the evaluation resize takes the
+    whole ``ceil(H/s) x ceil(W/s)`` image. No crop of the stage is then upsampled at ``1/s``.
 
     Args:
-        transform: A pipeline of this module (its first operation decides).
+        transform: A pipeline of :mod:`ssl_mt.data.transforms` (its first operation decides).
         height: Full image height (EXIF orientation applied).
         width: Full image width.
         reductions: Candidate reductions, largest first.
