@@ -89,7 +89,7 @@ def _data_lines(datamodule: Any) -> list[str]:
     images = getattr(datamodule, "images", None)
     if images is None:
         return []
-    source = "labels.csv train split" if getattr(datamodule, "knn_samples", None) else "folder"
+    source = "labels.csv train split" if getattr(datamodule, "uses_manifest", False) else "folder"
     lines = [f"data           {root}: {len(images)} training images ({source})"]
     knn = getattr(datamodule, "knn_samples", {}) or {}
     knn_tasks = getattr(datamodule, "knn_tasks", [])

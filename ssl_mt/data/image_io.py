@@ -102,13 +102,7 @@ def read_mask(
         if mask is None:
             raise BadSampleError(f"corrupt or unreadable mask: {path}", path)
         return _checked_size(path, (mask >= lossy_threshold).astype(np.uint8), expected_hw)
-    with path.open("rb") as handle:
-        head = handle.read(_HEADER_BYTES)
-    if is_palette_png(head):
-        mask = _palette_indices(path)
-    else:
-        # OpenCV expands a palette to BGR, hence the indexed case above.
-        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    mask = mask_values(path)
     if mask is None:
         raise BadSampleError(f"corrupt or unreadable mask: {path}", path)
     if mask.ndim != 2:
@@ -118,6 +112,18 @@ def read_mask(
             path,
         )
     return _checked_size(path, (mask > 0).astype(np.uint8), expected_hw)
+
+
+def mask_values(path: str | Path) -> np.ndarray | None:
+    """A mask file's values as stored: the indices of an indexed (palette) PNG, otherwise
+    the decoded array unchanged (possibly several channels); None when unreadable."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        head = handle.read(_HEADER_BYTES)
+    if is_palette_png(head):
+        return _palette_indices(path)
+    # OpenCV would expand a palette to BGR, hence the indexed case above.
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:

@@ -160,3 +160,19 @@ def test_check_lists_every_unreadable_image_of_a_folder(tmp_path: Path) -> None:
     assert "2 problem(s)" in result.stdout
     assert str(truncated) in result.stdout and str(garbage) in result.stdout
     assert "._a.jpg" not in result.stdout
+
+
+def test_prepare_keeps_a_palette_mask(synthetic_root: Path, tmp_path: Path, default_tasks) -> None:
+    from ssl_mt.data.prepare import prepare_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    table = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    name = next(m for m in table["skin_mask"] if m)
+    mask = cv2.imread(str(root / name), cv2.IMREAD_GRAYSCALE) > 0
+    _save_palette_png(root / name, mask.astype(np.uint8), [0, 0, 0, 255, 0, 255])
+
+    out = prepare_dataset(root, tmp_path / "out", 32, workers=1, tasks=default_tasks)
+    resized = read_mask(out / name)
+    expected = cv2.resize(mask.astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST_EXACT)
+    np.testing.assert_array_equal(resized, expected)
