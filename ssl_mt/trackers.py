@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
 RUN_DIR_TAG = "ssl_mt.run_dir"
+NOT_LOGGING_URI = "http://non-zero-rank.invalid"  # reserved domain (RFC 2606): never resolves
 
 
 class RunDirMLFlowLogger(MLFlowLogger):
@@ -31,6 +33,11 @@ class RunDirMLFlowLogger(MLFlowLogger):
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.run_dir = str(Path(run_dir).resolve())
         tags = {**(kwargs.pop("tags", None) or {}), RUN_DIR_TAG: self.run_dir}
+        if rank_zero_only.rank != 0:
+            # Only rank 0 logs, but MLflowLogger opens its store in every process: processes
+            # started together (torchrun, SLURM) would all create the same SQLite file's
+            # tables at once. A REST client connects only when used, i.e. never here.
+            kwargs["tracking_uri"] = NOT_LOGGING_URI
         super().__init__(tags=tags, **kwargs)
 
     @property

@@ -84,3 +84,15 @@ def test_a_resumed_run_continues_its_mlflow_run(quick_finetune_run) -> None:
     assert again.run_id == before.info.run_id
     history = client.get_metric_history(before.info.run_id, "resumed/probe")
     assert [(m.step, m.value) for m in history] == [(99, 1.0)]
+
+
+def test_only_rank_zero_opens_the_mlflow_store(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from hydra.utils import instantiate
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # as in a DDP process other than rank 0
+    cfg = compose_app("finetune", ["logger=[mlflow]", f"run_dir={tmp_path}"])
+    logger = instantiate(cfg.logger.mlflow)
+    logger.log_metrics({"loss": 1.0}, step=0)
+    assert not (tmp_path / "mlflow.db").exists()
