@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import pytest
 import torch
 from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
 from timm.layers import BatchNormAct2d, SyncBatchNormAct
@@ -196,3 +197,37 @@ def test_no_layer_sync_without_sync_batchnorm(tmp_path):
     cfg = compose_app("finetune", ["trainer=ddp_cpu", f"run_dir={tmp_path}", "logger=[csv]"])
     assert cfg.trainer.sync_batchnorm is False
     assert build_trainer(cfg).strategy._layer_sync is None
+
+
+# -- MoCo: Shuffling BN and SyncBatchNorm exclude each other -------------------------------------
+MOCO = ["method=moco", "trainer=ddp", "backbone=test_efficientnet", "method.queue_size=4096"]
+
+
+def moco_under_ddp(tmp_path, *overrides: str):
+    from ssl_mt.pretrain import build_module
+
+    cfg = compose_app(
+        "pretrain", [*MOCO, *overrides, *ON_CPU, f"run_dir={tmp_path}", "logger=[csv]"]
+    )
+    trainer = build_trainer(cfg)
+    module = build_module(cfg)
+    layer_sync = trainer.strategy._layer_sync
+    # What the DDP strategy does before on_fit_start.
+    return module if layer_sync is None else layer_sync.apply(module)
+
+
+def test_moco_refuses_shuffle_bn_under_sync_batchnorm(tmp_path):
+    module = moco_under_ddp(tmp_path)
+    assert module.shuffle_bn
+    with pytest.raises(ValueError, match=r"method\.shuffle_bn=true with SyncBatchNorm") as error:
+        module.on_fit_start()
+    assert "trainer.sync_batchnorm=false" in str(error.value)
+    assert "method.shuffle_bn=false" in str(error.value)
+
+
+@pytest.mark.parametrize("choice", ["method.shuffle_bn=false", "trainer.sync_batchnorm=false"])
+def test_moco_under_ddp_with_either_choice_starts(tmp_path, choice):
+    module = moco_under_ddp(tmp_path, choice)
+    synced = any(isinstance(m, nn.SyncBatchNorm) for m in module.target.modules())
+    assert synced == (choice == "method.shuffle_bn=false")
+    module.on_fit_start()
