@@ -1,5 +1,6 @@
-"""Optimiser groups, LARS without adaptation on biases/norms, the global-batch lr rule and
-the warmup-cosine multiplier (``ssl_mt.optim``)."""
+"""Optimiser groups, LARS without adaptation on biases/norms (``ssl_mt.optim``); the
+global-batch lr rule, the warmup-cosine multiplier and resuming into a changed plan
+(``ssl_mt.lr_plan``)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,8 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from ssl_mt.optim import (
-    WarmupCosine,
-    build_optimizer,
-    decay_groups,
-    lambda_scheduler,
-    plan_lr,
-    same_progress,
-    scaled_lr,
-)
+from ssl_mt.lr_plan import WarmupCosine, lambda_scheduler, plan_lr, same_progress, scaled_lr
+from ssl_mt.optim import build_optimizer, decay_groups
 from ssl_mt.schedule import ResolutionSchedule
 
 LARS = {"name": "lars", "momentum": 0.9, "trust_coeff": 0.001, "weight_decay": 1e-4}
@@ -269,7 +263,7 @@ def test_resume_without_a_config_change_is_exact(caplog):
     expected = _run(optimizer, scheduler, 80)  # 20 steps per epoch at batch 32, then 40
     optimizer, scheduler = _scheduler(stages, freeze_epochs=1)
     _run(optimizer, scheduler, 30)
-    with caplog.at_level(logging.INFO, logger="ssl_mt.optim"):
+    with caplog.at_level(logging.INFO, logger="ssl_mt.lr_plan"):
         optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), stages, freeze_epochs=1)
     assert _run(optimizer, scheduler, 50) == expected[30:]  # bit for bit
     assert "lr plan rebuilt" not in caplog.text
@@ -289,7 +283,7 @@ def test_resumed_with_another_schedule_the_lr_is_the_new_plans(caplog, old, new,
     expected = _run(optimizer, scheduler, steps)
     optimizer, scheduler = _scheduler(old)
     _run(optimizer, scheduler, 40)  # the old run finished
-    with caplog.at_level(logging.INFO, logger="ssl_mt.optim"):
+    with caplog.at_level(logging.INFO, logger="ssl_mt.lr_plan"):
         optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), new)
     assert _run(optimizer, scheduler, steps - 40) == expected[40:]
     assert "lr plan rebuilt from the config at step 40" in caplog.text
@@ -300,7 +294,7 @@ def test_resumed_on_more_devices_the_plan_continues_at_the_same_epoch(caplog):
     stages = _stages((4, 32))
     optimizer, scheduler = _scheduler(stages, world=1)  # 20 steps per epoch
     _run(optimizer, scheduler, 40)  # two epochs
-    with caplog.at_level(logging.INFO, logger="ssl_mt.optim"):
+    with caplog.at_level(logging.INFO, logger="ssl_mt.lr_plan"):
         optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), stages, world=2)
     # 2 processes: 10 steps per epoch, the global batch and (linear rule) the peak lr double.
     fresh_optimizer, fresh_scheduler = _scheduler(stages, world=2)

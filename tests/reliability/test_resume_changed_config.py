@@ -52,7 +52,7 @@ def test_a_finished_run_resumed_with_more_epochs_follows_the_new_plan(
     run_app(app, tiny_cfg(app, synthetic_root, resumed, _stages(2), *LR_EVERY_STEP))
     first = _lrs(resumed)
     resume_step = max(step for step, _ in first) + 1
-    with caplog.at_level(logging.INFO, logger="ssl_mt.optim"):
+    with caplog.at_level(logging.INFO, logger="ssl_mt.lr_plan"):
         run_app(app, tiny_cfg(app, synthetic_root, resumed, _stages(4), *LR_EVERY_STEP))
 
     steps_per_epoch = resume_step // 2
