@@ -99,6 +99,10 @@ class _SeededDataset(Dataset):
     def _describe(self, index: int) -> str:
         raise NotImplementedError
 
+    def _context(self, index: int, error: BadSampleError) -> str:
+        """What a raised error adds to its message: what the error does not name already."""
+        return self._describe(index)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = _split_key(key)
         self._epoch_seed = sample_seed(self.seed, epoch, index)
@@ -109,7 +113,9 @@ class _SeededDataset(Dataset):
                 item = self._load(index, reduce=False)
         except BadSampleError as error:
             if self.on_bad_sample == "raise":
-                raise BadSampleError(f"{error} ({self._describe(index)})", error.path) from None
+                context = self._context(index, error)
+                message = f"{error} ({context})" if context else str(error)
+                raise BadSampleError(message, error.path) from None
             return {BAD_SAMPLE_KEY: f"{self._describe(index)}: {error}"}
         item["index"] = index
         return item
@@ -125,7 +131,8 @@ class MultiTaskDataset(_SeededDataset):
     Items are ``{"image": (3,H,W) float, "target": {task: tensor}, "present": {task: bool},
     "index": int}``. Segmentation targets are (1,H,W) float masks in {0,1}; classification
     targets are class indices (-1 when unlabeled). An unlabeled task gets a dummy target
-    and ``present=False``, so losses and metrics skip it.
+    and ``present=False``, so losses and metrics skip it. Masks stored lossily (JPEG) are
+    refused unless ``lossy_mask_threshold`` is set (see :func:`read_mask`).
 
     With ``reduced_decoding`` a JPEG is decoded at the smallest scale the transform's crop
     allows and its masks are sampled onto that image's pixel grid.
@@ -138,9 +145,11 @@ class MultiTaskDataset(_SeededDataset):
         transform: A.Compose,
         seed: int = 0,
         on_bad_sample: OnBadSample = "raise",
+        lossy_mask_threshold: int | None = None,
         reduced_decoding: bool = True,
     ) -> None:
         super().__init__(seed, on_bad_sample, reduced_decoding)
+        self.lossy_mask_threshold = lossy_mask_threshold
         self.samples = list(samples)
         self.tasks = list(tasks)
         self.seg_tasks = [t for t in self.tasks if t.is_segmentation]
@@ -153,6 +162,12 @@ class MultiTaskDataset(_SeededDataset):
         sample = self.samples[index]
         return f"labels.csv row {sample.row}, image {sample.image}"
 
+    def _context(self, index: int, error: BadSampleError) -> str:
+        sample = self.samples[index]
+        if error.path == sample.image:
+            return f"labels.csv row {sample.row}"
+        return self._describe(index)
+
     def _load(self, index: int, reduce: bool) -> dict[str, Any]:
         sample = self.samples[index]
         image, reduced = self._decode(sample.image, [(self.transform, 0)], reduce)
@@ -162,9 +177,10 @@ class MultiTaskDataset(_SeededDataset):
             if path is None:
                 masks.append(np.zeros(image.shape[:2], np.uint8))
             elif reduced is None:
-                masks.append(read_mask(path, image.shape[:2]))
+                masks.append(read_mask(path, image.shape[:2], self.lossy_mask_threshold))
             else:  # checked at full size, then onto the reduced image's grid
-                masks.append(reduced.reduce_mask(read_mask(path, reduced.full_hw)))
+                mask = read_mask(path, reduced.full_hw, self.lossy_mask_threshold)
+                masks.append(reduced.reduce_mask(mask))
         data = {"image": image, **_decoded_at(reduced)}
         if masks:
             data["masks"] = masks
@@ -207,6 +223,9 @@ class MultiViewDataset(_SeededDataset):
 
     def _describe(self, index: int) -> str:
         return f"image {self.images[index]}"
+
+    def _context(self, index: int, error: BadSampleError) -> str:
+        return "" if error.path == Path(self.images[index]) else self._describe(index)
 
     def _load(self, index: int, reduce: bool) -> dict[str, Any]:
         calls = [(t, v) for v, t in enumerate(self.view_transforms)]
