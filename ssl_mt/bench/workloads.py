@@ -8,6 +8,8 @@ stage at the measured size), so a row measures the model, optimiser and loader a
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +63,20 @@ def _backbone_overrides(name: str) -> list[str]:
     ]
 
 
+@functools.lru_cache(maxsize=8)
+def _composed(app: str, overrides: tuple[str, ...], config_dirs: tuple[Path, ...]) -> DictConfig:
+    return compose(app, list(overrides), config_dirs)
+
+
 def app_config(
-    app: str, s: BenchSettings, size: int, batch: int, data: Sequence[str] = ()
+    app: str, s: BenchSettings, size: int, batch: int, data: Mapping[str, Any] | None = None
 ) -> DictConfig:
-    """The ``app`` config a run of one stage at ``size`` would compose, plus ``data`` overrides."""
+    """The ``app`` config with the bench's choices, one schedule stage at ``size``, and the
+    ``data`` keys set (``{"data.num_workers": 2}``; Hydra's struct mode refuses unknown ones).
+
+    Composed once per app and choices (Hydra takes a second per compose); every caller gets
+    its own copy.
+    """
     tasks, config_dirs = _option("tasks", s.tasks)
     overrides = [
         *_backbone_overrides(s.backbone),
@@ -73,15 +85,17 @@ def app_config(
         f"seed={s.seed}",
         f"channels_last={str(bool(s.channels_last)).lower()}",
         f"compile={str(bool(s.compile)).lower()}",
-        f"schedule.stages=[{{size:{size},epochs:1,batch_size:{batch}}}]",
-        f"schedule.eval_sizes=[{size}]",
-        *data,
     ]
     if app == "pretrain":
         overrides += ["method=simclr", f"augment={s.ssl_augment}", "data.knn_tasks=[]"]
     else:
         overrides += ["model=unet", f"weighting={s.weighting}"]
-    return compose(app, overrides, config_dirs)
+    cfg = copy.deepcopy(_composed(app, tuple(overrides), tuple(config_dirs)))
+    stage = {"size": size, "epochs": 1, "batch_size": batch}
+    values = {"schedule.stages": [stage], "schedule.eval_sizes": [size], **(data or {})}
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
 
 
 def tasks_of(s: BenchSettings) -> tuple[dict[str, Any], list[TaskSpec]]:
@@ -240,14 +254,14 @@ def random_mt_batch(
 # ---------------------------------------------------------------------------------------------
 # Loaders: the apps' datamodules
 # ---------------------------------------------------------------------------------------------
-def _data_overrides(root: Path, workers: int, pin: bool, decoding: str) -> list[str]:
-    return [
-        f"data.root='{root}'",
-        f"data.num_workers={workers}",
-        f"data.pin_memory={str(pin).lower()}",
-        "data.persistent_workers=true",
-        f"data.reduced_decoding={str(decoding == 'reduced').lower()}",
-    ]
+def _data_overrides(root: Path, workers: int, pin: bool, decoding: str) -> dict[str, Any]:
+    return {
+        "data.root": str(root),
+        "data.num_workers": workers,
+        "data.pin_memory": pin,
+        "data.persistent_workers": True,
+        "data.reduced_decoding": decoding == "reduced",
+    }
 
 
 def train_loader(
@@ -268,7 +282,7 @@ def train_loader(
         )
     data = _data_overrides(root, workers, pin, decoding)
     if app == "finetune":
-        data.append(f"data.eval_batch_size={batch}")
+        data["data.eval_batch_size"] = batch
     cfg = app_config(app, s, size, batch, data)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     datamodule.setup("fit")

@@ -32,11 +32,13 @@ def test_unet_row_has_the_multitask_encoder_decoder_and_outputs() -> None:
 
 
 def test_workloads_compose_the_apps_config() -> None:
-    cfg = app_config("finetune", settings(optim="sgd"), 96, 8, ["data.reduced_decoding=false"])
+    cfg = app_config("finetune", settings(optim="sgd"), 96, 8, {"data.reduced_decoding": False})
     assert cfg.backbone.name == "test_efficientnet"
     assert cfg.optim.name == "sgd"
     assert [dict(s) for s in cfg.schedule.stages] == [{"size": 96, "epochs": 1, "batch_size": 8}]
     assert cfg.data.reduced_decoding is False
     assert cfg.model.decoder_channels == cfg.backbone.decoder_channels
+    again = app_config("finetune", settings(optim="sgd"), 64, 2)  # a copy, not the one changed
+    assert again.data.reduced_decoding is True and again.schedule.stages[0].size == 64
     pre = app_config("pretrain", settings(ssl_augment="simclr"), 64, 4)
     assert pre.augment.name == "simclr" and pre.method._target_.endswith("SimCLRModule")
