@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
+from ssl_mt.models.backbone import initial_state
 from ssl_mt.runner import build_trainer, plain, prepare_resume, prepare_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,15 @@ def check_backbone_init(cfg: DictConfig) -> None:
         )
 
 
-def build_module(cfg: DictConfig):
-    """The :class:`~ssl_mt.models.multitask.MultiTaskModule` of ``cfg.model``."""
+def build_module(cfg: DictConfig, init_weights: bool = True):
+    """The :class:`~ssl_mt.models.multitask.MultiTaskModule` of ``cfg.model``.
+
+    ``init_weights``: start the encoder from ``backbone.weights`` / ``backbone.pretrained``
+    (a new run); a resumed run takes every tensor from its checkpoint instead, so it needs
+    neither the weights file nor the network.
+    """
     check_backbone_init(cfg)
-    return instantiate(
+    module = instantiate(
         plain(cfg.model),
         tasks=plain(cfg.tasks),
         backbone=plain(cfg.backbone),
@@ -44,6 +50,10 @@ def build_module(cfg: DictConfig):
         _recursive_=False,
         _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )
+    init = initial_state(plain(cfg.backbone)) if init_weights else None
+    if init is not None:
+        module.init_encoder(*init)
+    return module
 
 
 def run(cfg: DictConfig) -> Path:
@@ -54,7 +64,7 @@ def run(cfg: DictConfig) -> Path:
     prepare_resume(cfg, ckpt_path)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     datamodule.setup("fit")  # manifest errors surface now, before any model is built
-    module = build_module(cfg)
+    module = build_module(cfg, init_weights=ckpt_path is None)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if cfg.test_after_fit and datamodule.samples.get("test"):

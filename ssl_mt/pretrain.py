@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
-from ssl_mt.models.backbone import export_backbone
+from ssl_mt.models.backbone import export_backbone, initial_state
 from ssl_mt.runner import (
     backbone_kwargs,
     build_trainer,
@@ -27,9 +27,13 @@ from ssl_mt.runner import (
 log = logging.getLogger(__name__)
 
 
-def build_module(cfg: DictConfig):
-    """The pretraining LightningModule of ``cfg.method``."""
-    return instantiate(
+def build_module(cfg: DictConfig, init_weights: bool = True):
+    """The pretraining LightningModule of ``cfg.method``.
+
+    ``init_weights``: start the backbone from ``backbone.weights`` / ``backbone.pretrained``
+    (a new run); a resumed run takes every tensor from its checkpoint instead.
+    """
+    module = instantiate(
         plain(cfg.method),
         backbone=backbone_kwargs(cfg.backbone),
         optim=plain(cfg.optim),
@@ -40,6 +44,10 @@ def build_module(cfg: DictConfig):
         _recursive_=False,
         _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )
+    init = initial_state(plain(cfg.backbone)) if init_weights else None
+    if init is not None:
+        module.init_backbone(*init)
+    return module
 
 
 def run(cfg: DictConfig) -> Path:
@@ -49,7 +57,7 @@ def run(cfg: DictConfig) -> Path:
     prepare_resume(cfg, ckpt_path)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     datamodule.setup("fit")  # manifest errors surface now, before any model is built
-    module = build_module(cfg)
+    module = build_module(cfg, init_weights=ckpt_path is None)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:

@@ -22,3 +22,22 @@ def cause_chain(error: BaseException) -> list[BaseException]:
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     return chain
+
+
+def block_network(monkeypatch) -> None:
+    """Makes every download fail: sockets, timm's pretrained loader, the Hub, torch.hub."""
+    import socket
+
+    import huggingface_hub
+    import timm.models._builder
+    import timm.models._hub
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", offline, raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)

@@ -20,6 +20,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# timm's hub layout (what `timm.create_model("local-dir:DIR")` and `hf-hub:` read).
+HUB_CONFIG = "config.json"
+HUB_WEIGHTS = "model.safetensors"
+
 
 class BackboneError(ValueError):
     """A backbone name or weights file cannot be used; the message says how to fix it."""
@@ -36,11 +40,27 @@ def check_model_name(name: str) -> None:
     )
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads a state dict from ``.safetensors``, or a torch file (``state_dict`` inside ok)."""
+def weights_file(path: str | Path) -> Path:
+    """The weights file of ``path``: the file itself, or ``model.safetensors`` of an export
+    folder (timm's hub layout)."""
     path = Path(path)
+    if path.is_dir():
+        inner = path / HUB_WEIGHTS
+        if not inner.is_file():
+            raise FileNotFoundError(
+                f"backbone weights folder {path} has no {HUB_WEIGHTS} (expected an export "
+                "folder of `python -m ssl_mt.pretrain` or `python -m ssl_mt.export`)"
+            )
+        return inner
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
+    return path
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a state dict from ``.safetensors``, a torch file (``state_dict`` inside ok), or
+    an export folder (its ``model.safetensors``)."""
+    path = weights_file(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -124,6 +144,38 @@ def create_backbone(
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def hub_state_dict(name: str, **timm_kwargs) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights of ``name`` (downloads them or reads timm's cache)."""
+    model = timm.create_model(name, pretrained=True, num_classes=0, **timm_kwargs)
+    return model.state_dict()
+
+
+# ``backbone`` config keys that are not timm arguments.
+_NOT_TIMM = ("name", "pretrained", "weights", "grad_checkpointing", "decoder_channels")
+
+
+def initial_state(backbone: Mapping[str, object]) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The weights a new run starts its backbone from, per the ``backbone`` config.
+
+    The apps call this when they build a new run; a module restored from a checkpoint never
+    does (its tensors come from the checkpoint, its hyper-parameters only record where the
+    init came from), so checkpoints load offline and wherever the weights file went.
+
+    Returns:
+        ``(plain timm state dict, where it came from)``, or ``None`` for a random init.
+    """
+    pretrained, weights = bool(backbone.get("pretrained")), backbone.get("weights")
+    if pretrained and weights:
+        raise BackboneError("choose backbone.pretrained=true OR backbone.weights=PATH, not both")
+    if weights:
+        return load_weights_file(weights), str(weights_file(weights))
+    if pretrained:
+        name = str(backbone["name"])
+        timm_kwargs = {k: v for k, v in backbone.items() if k not in _NOT_TIMM}
+        return hub_state_dict(name, **timm_kwargs), f"timm's pretrained {name}"
+    return None
 
 
 def export_backbone(

@@ -34,8 +34,9 @@ class MultiTaskModule(L.LightningModule):
 
     Args:
         tasks: The ``tasks`` config.
-        backbone: The ``backbone`` config (``name``, ``pretrained``, ``weights``,
-            ``grad_checkpointing``, ``drop_path_rate``).
+        backbone: The ``backbone`` config (``name``, ``grad_checkpointing``,
+            ``drop_path_rate``; ``pretrained`` and ``weights`` are recorded, not loaded: see
+            :meth:`init_encoder`).
         optim: The ``optim`` config (also ``backbone_lr_scale``, ``freeze_backbone_epochs``).
         weighting: The ``weighting`` config (``name`` plus the strategy's arguments).
         arch: segmentation_models_pytorch architecture of the decoder.
@@ -82,7 +83,9 @@ class MultiTaskModule(L.LightningModule):
             self.tasks,
             arch=arch,
             decoder_channels=decoder_channels,
-            pretrained=bool(backbone.get("pretrained", False)),
+            # Initial weights (backbone.pretrained / backbone.weights) are the app's business
+            # when it builds a new run (init_encoder): a checkpoint restores its own tensors.
+            pretrained=False,
             head_dropout=head_dropout,
             drop_path_rate=float(backbone.get("drop_path_rate") or 0.0),
             # Any other backbone key is a timm argument, as in pretraining.
@@ -91,8 +94,6 @@ class MultiTaskModule(L.LightningModule):
         self.encoder_tensors_loaded = 0
         if backbone.get("pretrained") and backbone.get("weights"):
             raise ValueError("choose backbone.pretrained=true OR backbone.weights=PATH, not both")
-        if backbone.get("weights"):
-            self.encoder_tensors_loaded, _ = self.net.load_encoder_weights(backbone["weights"])
         if backbone.get("grad_checkpointing"):
             self.net.set_grad_checkpointing(True)
         self.losses = nn.ModuleDict({t.name: build_task_loss(t) for t in self.tasks})
@@ -113,6 +114,10 @@ class MultiTaskModule(L.LightningModule):
                 for size in self.eval_sizes
             }
         )
+
+    def init_encoder(self, state: Mapping[str, Tensor], source: str) -> None:
+        """Starts the encoder from a plain timm state dict (the app, for a new run only)."""
+        self.encoder_tensors_loaded, _ = self.net.load_encoder_state(state, source)
 
     # -- model ----------------------------------------------------------------------------
     def configure_model(self) -> None:

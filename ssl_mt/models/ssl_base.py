@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ssl_mt.models.backbone import create_backbone
+from ssl_mt.models.backbone import create_backbone, match_state_dict
 from ssl_mt.models.knn import embedding_std, knn_predict
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.task_metrics import step_mean
@@ -57,12 +57,21 @@ class SSLModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile_backbone = compile
         self.image_size = image_size
-        self.backbone = create_backbone(**self.backbone_cfg)
+        # Initial weights (backbone.pretrained / backbone.weights) are loaded by the app when
+        # it builds a new run (init_backbone), never here: checkpoints restore their own.
+        self.backbone = create_backbone(
+            **{**self.backbone_cfg, "pretrained": False, "weights": None}
+        )
         self.nonfinite = NonFiniteGuard(**dict(nonfinite or {}))
         self.train_loss = step_mean()
         self.train_std = step_mean()
         self._knn_features: list[list[Tensor]] = [[], []]
         self._knn_labels: list[list[Tensor]] = [[], []]
+
+    def init_backbone(self, state: Mapping[str, Tensor], source: str) -> None:
+        """Starts the backbone from a plain timm state dict (the app, for a new run only)."""
+        subset = match_state_dict(self.backbone, state, source)
+        self.backbone.load_state_dict(subset, strict=True)
 
     # -- to implement -------------------------------------------------------------------
     def ssl_step(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
