@@ -64,7 +64,7 @@ demo: $(DEMO_DATA)/labels.csv ## Whole chain on synthetic data, quick profile: S
 	$(PY) -m ssl_mt.pretrain $(QUICK) schedule=quick_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/pretrain $(ARGS)
 	$(PY) -m ssl_mt.finetune $(QUICK) experiment_name=mt data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt $(ARGS)
 	$(PY) -m ssl_mt.finetune $(QUICK) experiment_name=mt_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt_ssl \
-		backbone.weights=$(DEMO_RUNS)/pretrain/backbone.safetensors $(ARGS)
+		backbone.weights=$(DEMO_RUNS)/pretrain/backbone $(ARGS)
 	$(PY) -m ssl_mt.compare $(DEMO_RUNS)/mt $(DEMO_RUNS)/mt_ssl --names MT MT+SSL --out $(DEMO_RUNS)/report
 	@echo
 	@echo "Demo finished. Report: $(DEMO_RUNS)/report/report.md (val_loss.png, train_loss.png);"

@@ -25,7 +25,7 @@ def check_backbone_init(cfg: DictConfig) -> None:
     if cfg.require_backbone_weights and not cfg.backbone.weights:
         raise ValueError(
             f"experiment={cfg.experiment_name} needs backbone.weights=PATH: the "
-            "backbone.safetensors written by `python -m ssl_mt.pretrain`"
+            "backbone/ folder written by `python -m ssl_mt.pretrain`"
         )
 
 
@@ -47,6 +47,7 @@ def build_module(cfg: DictConfig, init_weights: bool = True):
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         nonfinite=plain(cfg.nonfinite),
+        preprocess={"mean": list(cfg.augment.mean), "std": list(cfg.augment.std)},
         _recursive_=False,
         _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )

@@ -1,7 +1,9 @@
 """Self-supervised pretraining app: ``python -m ssl_mt.pretrain [hydra overrides]``.
 
 Composes ``conf/pretrain.yaml``, trains the configured method (SimCLR by default) and
-exports the backbone as ``RUN/backbone.safetensors`` + ``backbone.json`` (rank 0 only).
+exports the backbone as the folder ``RUN/backbone/`` in timm's hub layout (``config.json`` +
+``model.safetensors``; rank 0 only): ``timm.create_model("local-dir:RUN/backbone",
+pretrained=True)`` loads it, and so does ``backbone.weights=RUN/backbone`` of fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
-from ssl_mt.models.backbone import export_backbone, initial_state
+from ssl_mt.models.backbone import architecture_args, export_backbone, initial_state
 from ssl_mt.runner import (
     backbone_kwargs,
     build_trainer,
@@ -66,6 +68,9 @@ def run(cfg: DictConfig) -> Path:
             cfg.backbone.name,
             run_dir / cfg.export_name,
             image_size=module.image_size,
+            mean=tuple(cfg.augment.mean),
+            std=tuple(cfg.augment.std),
+            model_args=architecture_args(plain(cfg.backbone)),
             extra={
                 "method": cfg.method._target_.rsplit(".", 1)[-1],
                 "epochs": trainer.current_epoch,

@@ -46,6 +46,8 @@ class MultiTaskModule(L.LightningModule):
         channels_last: NHWC memory format.
         compile: ``torch.compile(dynamic=False)``: one static graph per input shape.
         nonfinite: NaN/Inf loss handling (``policy``: raise | skip, ``check_every_n_steps``).
+        preprocess: The input normalisation of training (``mean``, ``std``), recorded so that
+            inference and exports reproduce it from the checkpoint alone.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class MultiTaskModule(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         nonfinite: Mapping[str, Any] | None = None,
+        preprocess: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

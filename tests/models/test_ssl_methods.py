@@ -150,7 +150,7 @@ def test_short_run_lowers_the_loss_without_collapse(method_run):
     std = epoch_values(run_dir, "train/embedding_std")
     dim = METHODS[method][1]
     assert std.min() > 0.2 / math.sqrt(dim), f"{method}: {std.to_dict()} (D={dim})"
-    for name in ("backbone.safetensors", "backbone.json", "checkpoints/last.ckpt"):
+    for name in ("backbone/model.safetensors", "backbone/config.json", "checkpoints/last.ckpt"):
         assert (run_dir / name).is_file(), name
 
 
@@ -230,7 +230,7 @@ def test_resume_restores_momentum_network_queue_and_centre_exactly(method_run, t
         assert snapshot.momentum == module.momentum_schedule(saved["global_step"], total)
 
     # The export is the online network (the student), not the target.
-    exported = load_file(str(run_dir / "backbone.safetensors"))
+    exported = load_file(str(run_dir / "backbone" / "model.safetensors"))
     for name, tensor in exported.items():
         assert torch.equal(tensor, state[f"backbone.{name}"]), name
     if method in MOMENTUM_METHODS:

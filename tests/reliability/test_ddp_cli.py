@@ -117,8 +117,8 @@ def test_pretrain_under_ddp(synthetic_root, tmp_path, reaper):
     cwd.mkdir()
     run_dir, text = _ddp_run("pretrain", synthetic_root, cwd, reaper)
     # The export: written once, by rank 0 (rank 1's Hydra log is in the same folder).
-    assert (run_dir / "backbone.safetensors").is_file()
-    assert (run_dir / "backbone.json").is_file()
+    assert (run_dir / "backbone" / "model.safetensors").is_file()
+    assert (run_dir / "backbone" / "config.json").is_file()
     logs = text + "".join(p.read_text() for p in run_dir.glob("*.log"))
     assert len(set(re.findall(r"\]\[INFO\] - exported backbone to .*", logs))) == 1
     assert len(re.findall(r"exported backbone to", text)) == 1
