@@ -47,7 +47,11 @@ def build_module(cfg: DictConfig, init_weights: bool = True):
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         nonfinite=plain(cfg.nonfinite),
-        preprocess={"mean": list(cfg.augment.mean), "std": list(cfg.augment.std)},
+        preprocess={
+            "mean": list(cfg.augment.mean),
+            "std": list(cfg.augment.std),
+            "size": int(cfg.schedule.stages[-1].size),  # the inference size of predict
+        },
         _recursive_=False,
         _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )

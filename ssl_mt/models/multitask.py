@@ -46,8 +46,8 @@ class MultiTaskModule(L.LightningModule):
         channels_last: NHWC memory format.
         compile: ``torch.compile(dynamic=False)``: one static graph per input shape.
         nonfinite: NaN/Inf loss handling (``policy``: raise | skip, ``check_every_n_steps``).
-        preprocess: The input normalisation of training (``mean``, ``std``), recorded so that
-            inference and exports reproduce it from the checkpoint alone.
+        preprocess: The input of training (``mean``, ``std``, last stage ``size``), recorded
+            so that inference and exports reproduce it from the checkpoint alone.
     """
 
     def __init__(
@@ -216,6 +216,12 @@ class MultiTaskModule(L.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
+
+    def predict_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
+        """Per-task logits (float32) of ``batch["image"]`` (see :mod:`ssl_mt.predict`)."""
+        return {name: out.float() for name, out in self(batch["image"]).items()}
 
     def _log_eval(self, prefix: str) -> None:
         for size, per_task in self.val_metrics.items():
