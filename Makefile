@@ -19,7 +19,7 @@ DEMO_SIZE ?= 96
 QUICK := experiment=quick
 
 .DEFAULT_GOAL := help
-.PHONY: help install data check preview pretrain finetune compare demo bench test test-all lint format clean
+.PHONY: help install data check preview pretrain finetune predict compare demo bench test test-all lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,10 @@ pretrain: $(STAMP) $(DEFAULT_DATA) ## SimCLR pretraining: make pretrain ARGS="ex
 
 finetune: $(STAMP) $(DEFAULT_DATA) ## Multi-task fine-tuning: make finetune ARGS="experiment=quick backbone.weights=..."
 	$(PY) -m ssl_mt.finetune $(ARGS)
+
+predict: $(STAMP) ## Masks + labels of new photos: make predict CKPT=RUN/checkpoints/last.ckpt INPUT=photos/ OUT=preds [ARGS="--overlays"]
+	@test -n "$(CKPT)" -a -n "$(INPUT)" -a -n "$(OUT)" || (echo 'usage: make predict CKPT=... INPUT=folder-or-labels.csv OUT=dir [ARGS="--overlays --metrics"]' >&2; exit 2)
+	$(PY) -m ssl_mt.predict $(CKPT) $(INPUT) --out $(OUT) $(ARGS)
 
 compare: $(STAMP) ## Compare runs: make compare RUNS="runs/finetune/mt/X runs/finetune/mt_ssl/Y" [REPORT=dir]
 	@test -n "$(RUNS)" || (echo 'usage: make compare RUNS="RUN_DIR RUN_DIR ..." [REPORT=dir]' >&2; exit 2)

@@ -173,10 +173,20 @@ class PredictionWriter(BasePredictionWriter):
             if self.overlays:
                 image = read_image(self.inputs.images[index])
                 picture = overlay(image, masks)
+                scale = max(0.3, min(height, width) / 700)  # text readable on 0.3-12 MP photos
+                step = int(30 * scale) + 4
                 for k, line in enumerate(lines):
-                    origin = (4, 14 + 14 * k)
-                    cv2.putText(picture, line, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3)
-                    cv2.putText(picture, line, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255,) * 3, 1)
+                    origin = (4, step * (k + 1))
+                    for colour, thick in (((0, 0, 0), 3), ((255, 255, 255), 1)):
+                        cv2.putText(
+                            picture,
+                            line,
+                            origin,
+                            cv2.FONT_HERSHEY_SIMPLEX,
+                            scale,
+                            colour,
+                            max(1, int(thick * scale * 2)),
+                        )
                 write_png(self.out / "overlays" / relative.with_suffix(".png"), picture)
         self._file.flush()
 

@@ -109,8 +109,17 @@ def test_folder_gives_masks_at_original_size_and_a_probabilities_csv(
 def test_manifest_metrics_match_the_written_masks(checkpoint, synthetic_root, tmp_path):
     out = tmp_path / "out"
     code = main(
-        [str(checkpoint), str(synthetic_root / "labels.csv"), "--out", str(out), "--metrics"]
-        + ["--workers", "0", "--batch-size", "16"]
+        [
+            str(checkpoint),
+            str(synthetic_root / "labels.csv"),
+            "--out",
+            str(out),
+            "--metrics",
+            "--workers",
+            "0",
+            "--batch-size",
+            "16",
+        ]
     )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())

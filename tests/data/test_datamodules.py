@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import MultiTaskDataModule
 from ssl_mt.data.datasets import BAD_SAMPLE_KEY, MultiTaskDataset, collate_samples
 from ssl_mt.data.image_io import BadSampleError
@@ -32,7 +32,7 @@ CLS = ("blur", "tone", "relevance")
 
 @pytest.fixture(scope="module")
 def augment():
-    return OmegaConf.load(CONF_DIR / "augment" / "finetune.yaml")
+    return load_group("augment", "finetune")
 
 
 def make_dm(root: Path, augment, **kwargs) -> MultiTaskDataModule:

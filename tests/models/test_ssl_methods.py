@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import SSLDataModule
 from ssl_mt.data.synthetic import generate_dataset
 from ssl_mt.data.transforms import ViewSpec
@@ -424,7 +424,7 @@ def test_dino_config_gives_two_global_and_n_local_views(data_root: Path):
         root=str(data_root),
         stages=[{"size": 64, "epochs": 1, "batch_size": 4}],
         eval_sizes=[64],
-        augment=OmegaConf.to_container(OmegaConf.load(CONF_DIR / "augment" / "skin.yaml")),
+        augment=OmegaConf.to_container(load_group("augment", "skin")),
         tasks=load_tasks_config("default"),
         views=views,
         num_workers=0,
