@@ -155,7 +155,11 @@ def load_group(
         app = next((a for a in ("finetune", "pretrain") if group in app_groups(a)), None)
         if app is None:
             raise ValueError(f"no app has a config group {group!r}")
-    return compose(app, [f"{group}={name}"], config_dirs)[group]
+    node = compose(app, [f"{group}={name}"], config_dirs)[group]
+    # One option on its own, for the caller to read or extend (the app's struct mode guards
+    # command-line overrides, which this is not).
+    OmegaConf.set_struct(node, False)
+    return node
 
 
 def load_tasks_config(name_or_path: str | Path = "default") -> DictConfig:
