@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_mt.callbacks.prediction_writer import PredictionWriter
-from ssl_mt.data.image_io import BadSampleError
+from ssl_mt.console import quiet_known_noise
+from ssl_mt.data.image_io import BadSampleError, bad_sample_message
 from ssl_mt.data.manifest import ManifestError
 from ssl_mt.data.predict_dataset import (
     PredictDataset,
@@ -139,6 +140,7 @@ def predict(
         collate_fn=collate_predict,
         pin_memory=torch.cuda.is_available(),
     )
+    quiet_known_noise()
     writer = PredictionWriter(inputs, module.tasks, out, overlays=overlays, metrics=metrics)
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -164,12 +166,6 @@ def format_metrics(results: Mapping[str, Mapping[str, float]]) -> str:
         values = "  ".join(f"{k}={v:.4f}" for k, v in entry.items() if k != "labeled")
         lines.append(f"{task:<12} {int(entry['labeled']):>7}  {values}")
     return "\n".join(lines)
-
-
-def _one_line(error: BaseException) -> str:
-    """The original message of an error re-raised from a data worker (its last line)."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BadSampleError as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {bad_sample_message(err)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {result['images']} images at {result['size']} px")
     if result["metrics"] is not None:
