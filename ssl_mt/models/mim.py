@@ -160,6 +160,12 @@ class MIMModule(SSLModule):
         self.norm_pix = bool(norm_pix)
         self.seed = int(seed)
         self.reconstructions_cfg = dict(reconstructions or {})
+        unknown = sorted(set(self.reconstructions_cfg) - {"num_samples", "every_n_epochs"})
+        if unknown:
+            raise ValueError(
+                f"method.reconstructions: unknown key(s) {unknown}; "
+                "known: ['every_n_epochs', 'num_samples']"
+            )
         self.mask_fill = MaskFill(fill)
         decoder = dict(decoder or {})
         unknown = sorted(set(decoder) - {"channels"})
@@ -167,7 +173,7 @@ class MIMModule(SSLModule):
             raise ValueError(f"method.decoder: unknown key(s) {unknown}; known: ['channels']")
         channels = decoder.get("channels", [128, 64, 32])
         self.decoder = PixelDecoder(self.backbone.num_features, self.stride, channels)
-        self._feature_map = self.backbone.forward_features
+        self._compiled_features: Any = None
         self._batch_index: Tensor | None = None
 
     def head_modules(self) -> list[nn.Module]:
@@ -177,7 +183,12 @@ class MIMModule(SSLModule):
         super().configure_model()
         if self.compile_backbone:
             # forward_features, not forward, is what this method calls.
-            self._feature_map = torch.compile(self.backbone.forward_features, dynamic=False)
+            self._compiled_features = torch.compile(self.backbone.forward_features, dynamic=False)
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The backbone's deepest feature map (B, C, H / stride, W / stride)."""
+        encode = self._compiled_features or self.backbone.forward_features
+        return encode(to_channels_last(images, self.channels_last))
 
     def configure_callbacks(self) -> list[L.Callback]:
         from ssl_mt.callbacks.reconstructions import ReconstructionGrid
@@ -225,7 +236,7 @@ class MIMModule(SSLModule):
             the encoder's feature map.
         """
         masked = self.mask_fill(images, mask)
-        fmap = self._feature_map(to_channels_last(masked, self.channels_last))
+        fmap = self.feature_map(masked)
         prediction = self.decoder(fmap)
         if prediction.shape[-2:] != images.shape[-2:]:
             raise ValueError(

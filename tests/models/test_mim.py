@@ -203,6 +203,10 @@ def test_decoder_blocks_and_pixel_shuffle_make_up_the_stride():
         ({"loss": "mse"}, r"method\.loss must be one of \('l1', 'l2'\), got 'mse'"),
         ({"views": {"global_crops": 2}}, r"method\.views must declare 1 view for MIM"),
         ({"decoder": {"width": 3}}, r"method\.decoder: unknown key\(s\) \['width'\]"),
+        (
+            {"reconstructions": {"every": 2}},
+            r"method\.reconstructions: unknown key\(s\) \['every'\]",
+        ),
     ],
 )
 def test_bad_settings_are_named(kwargs, match):
