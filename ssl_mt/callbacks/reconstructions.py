@@ -6,8 +6,9 @@ masks) every epoch, so pictures of different epochs differ only by the model.
 
 With per-patch normalised targets (``norm_pix``) the prediction carries no patch mean or
 contrast; the reconstruction column shows it with the mean and standard deviation of the
-original patch (as MAE's visualisations of ``norm_pix_loss`` models do): its colours are
-the original's, its structure is the model's.
+original patch (one number each, over the patch's pixels and channels together, as MAE's
+normalisation): brightness and contrast are the original's, colour and structure the
+model's. A model that has learned nothing yet shows flat grey patches.
 """
 
 from __future__ import annotations
