@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ssl_mt.losses.global_mean import global_task_losses, labeled_sums
 from ssl_mt.losses.task_losses import build_task_loss, masked_mean
 from ssl_mt.losses.weighting import FAMO, build_weighting
+from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.models.multitask_net import MultiTaskNet
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step
@@ -38,7 +39,7 @@ from ssl_mt.models.task_metrics import (
     task_metrics,
     update_task_metrics,
 )
-from ssl_mt.optim import build_optimizer, decay_groups, lambda_scheduler, plan_lr, trainer_world
+from ssl_mt.optim import build_optimizer, decay_groups
 from ssl_mt.tasks import parse_tasks
 
 log = logging.getLogger(__name__)
