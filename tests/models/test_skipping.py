@@ -7,8 +7,11 @@ and the module's ``optimizer_step`` leaves the step out.
 
 from __future__ import annotations
 
+from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from ssl_mt.models.simclr import SimCLRModule
@@ -63,3 +66,46 @@ def test_a_skip_in_any_micro_batch_leaves_out_its_window_step():
     assert optimizer.steps == 0
     module.optimizer_step(0, 3, optimizer, lambda: None)
     assert optimizer.steps == 1
+
+
+# -- 2 gloo processes: one meets an all-bad SSL batch -------------------------------------------
+def _ssl_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    timeout = timedelta(seconds=60)
+    store = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timeout)
+    try:
+        torch.manual_seed(0)
+        module = make_simclr()
+        module._trainer = SimpleNamespace(datamodule=SimpleNamespace(on_bad_sample="skip"))
+        views = [
+            torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(v)) for v in (1, 2)
+        ]
+        batch = {"views": views, "bad_samples": []} if rank == 0 else {"bad_samples": ["x: bad"]}
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        for p in module.parameters():  # DDP's gradient average
+            dist.all_reduce(p.grad)
+        torch.save(
+            {"loss": float(loss.detach()), "skip": module._skip_optimizer_step},
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_an_all_bad_ssl_batch_on_one_rank_skips_the_step_on_both(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False)
+    mp.start_processes(
+        _ssl_rank, args=(store.port, str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # Rank 0's good batch is skipped too: NT-Xent gathers equal-sized batches from every rank.
+    assert ranks == [{"loss": 0.0, "skip": True}] * 2
