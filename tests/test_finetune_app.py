@@ -7,6 +7,7 @@ bad configs fail before any training step.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -330,3 +331,42 @@ def test_a_decoder_that_cannot_take_the_size_fails_opaquely_so_the_config_refuse
     )
     with pytest.raises(Exception, match=r"multiple of 32 \(e\.g\. 64\)"):
         run(cfg)
+
+
+# -- a task without validation labels -----------------------------------------------------------
+
+
+def test_a_val_split_without_tone_labels_selects_the_best_checkpoint_by_the_global_loss(
+    synthetic_root, tmp_path, caplog
+):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    frame = pd.read_csv(data / "labels.csv", dtype=str, keep_default_na=False)
+    frame.loc[frame["split"] == "val", "tone"] = ""
+    frame.to_csv(data / "labels.csv", index=False)
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="ssl_mt.models.multitask"):
+        run(
+            quick_cfg(
+                data,
+                run_dir,
+                "schedule.stages=[{size:32,epochs:3,batch_size:8}]",
+                "schedule.eval_sizes=[32]",
+                "~callbacks.predictions",
+                "logger=[csv]",
+            )
+        )
+    df = metrics(run_dir)
+    rows = df[df["val/32/global/loss"].notna()]
+    losses = dict(zip(rows["epoch"].astype(int), rows["val/32/global/loss"], strict=True))
+    assert sorted(losses) == [0, 1, 2] and all(map(math.isfinite, losses.values())), losses
+    for _, row in rows.iterrows():  # the sum of the tasks that have val labels
+        labeled = sum(row[f"val/32/{t}/loss"] for t in TASKS if t != "tone")
+        assert row["val/32/global/loss"] == pytest.approx(labeled, rel=1e-5)
+    assert not [c for c in df.columns if c.startswith("val/32/tone/")]
+    best = min(losses, key=losses.get)
+    assert (run_dir / "checkpoints" / f"best_epoch{best:03d}.ckpt").is_file(), sorted(
+        p.name for p in (run_dir / "checkpoints").iterdir()
+    )
+    named = [r for r in caplog.records if "no labeled sample of task(s) ['tone']" in r.message]
+    assert len(named) == 1, "named once, not every epoch"
