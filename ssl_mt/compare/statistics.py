@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 BETTER = "better"
 WORSE = "worse"
@@ -110,6 +111,49 @@ def metric_value(metric: str, sums: np.ndarray) -> np.ndarray:
             classes = (support > 0).sum(axis=-1)
             return np.where(classes > 0, f1.sum(axis=-1) / np.maximum(classes, 1), 0.0)
     raise ValueError(f"unknown metric {metric!r}")
+
+
+def ingredients(records: pd.DataFrame, metric: str, num_classes: int = 0) -> np.ndarray:
+    """The per-image ingredients ``(N, k)`` of a metric from one task's records (row order).
+
+    Args:
+        records: Rows of :mod:`ssl_mt.evaluation.records` for one task.
+        metric: The metric (``iou``, ``dice``, ``loss``, ``top1``, ``top5``, ``f1``).
+        num_classes: Classes of the task (macro F1 only): at least 1 + the largest index.
+    """
+    n = len(records)
+    ones = np.ones(n)
+
+    def column(name: str) -> np.ndarray:
+        values = records[name].to_numpy(dtype=float, na_value=np.nan)
+        if np.isnan(values).any():
+            raise ValueError(f"records without {name!r} for metric {metric!r}")
+        return values
+
+    if metric in SEGMENTATION_METRICS:
+        return np.stack([column("tp"), column("fp"), column("fn")], axis=1)
+    if metric == "loss":
+        return np.stack([column("loss"), ones], axis=1)
+    if metric == "top1":
+        return np.stack([(column("target") == column("pred")).astype(float), ones], axis=1)
+    if metric == "top5":
+        return np.stack([column("top5"), ones], axis=1)
+    if metric == "f1":
+        target, pred = column("target").astype(int), column("pred").astype(int)
+        if num_classes <= max(target.max(initial=0), pred.max(initial=0)):
+            raise ValueError(f"num_classes={num_classes} but the records hold a larger index")
+        classes = np.arange(num_classes)
+        is_target = target[:, None] == classes
+        is_pred = pred[:, None] == classes
+        return np.concatenate(
+            [is_target & is_pred, is_pred & ~is_target, is_target & ~is_pred], axis=1
+        ).astype(float)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def metric_from_records(records: pd.DataFrame, metric: str, num_classes: int = 0) -> float:
+    """A metric over all records of one task, as the run logs it."""
+    return float(metric_value(metric, ingredients(records, metric, num_classes).sum(axis=0)))
 
 
 # -- bootstrap --------------------------------------------------------------------------------------
