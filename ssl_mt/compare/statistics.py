@@ -32,7 +32,9 @@ import pandas as pd
 BETTER = "better"
 WORSE = "worse"
 NO_DIFFERENCE = "no detectable difference"
-LOWER_IS_BETTER = frozenset({"loss"})
+# The sum over tasks of each task's mean loss (the logged ``val/<size>/global/loss``).
+GLOBAL_LOSS = "global_loss"
+LOWER_IS_BETTER = frozenset({"loss", GLOBAL_LOSS})
 SEGMENTATION_METRICS = ("iou", "dice")
 CLASSIFICATION_METRICS = ("top1", "top5", "f1")
 # Bootstrap image counts are built in blocks of at most this many (replicate, image) cells,
@@ -78,6 +80,10 @@ def ingredient_names(metric: str, num_classes: int = 0) -> list[str]:
         return ["tp", "fp", "fn"]
     if metric == "loss":
         return ["loss", "count"]
+    if metric == GLOBAL_LOSS:
+        if num_classes < 1:
+            raise ValueError("the global loss needs the number of tasks (num_classes)")
+        return [f"{part}{t}" for t in range(num_classes) for part in ("loss", "count")]
     if metric == "top1":
         return ["correct", "count"]
     if metric == "top5":
@@ -99,11 +105,16 @@ def metric_value(metric: str, sums: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         if metric in SEGMENTATION_METRICS:
             tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
-            numerator, denominator = (tp, tp + fp + fn) if metric == "iou" else (2 * tp, 2 * tp + fp + fn)
+            numerator, denominator = (
+                (tp, tp + fp + fn) if metric == "iou" else (2 * tp, 2 * tp + fp + fn)
+            )
             return np.where(denominator > 0, numerator / denominator, 0.0)
         if metric in ("loss", "top1", "top5"):
             count = sums[..., 1]
             return np.where(count > 0, sums[..., 0] / count, math.nan if metric == "loss" else 0.0)
+        if metric == GLOBAL_LOSS:
+            pairs = sums.reshape(*sums.shape[:-1], -1, 2)
+            return (pairs[..., 0] / pairs[..., 1]).sum(axis=-1)
         if metric == "f1":
             tp, fp, fn = np.split(sums, 3, axis=-1)
             support = tp + fp + fn
@@ -233,7 +244,10 @@ class Draws:
         weights = np.asarray(weights, dtype=float)
         image = self.image_replicates @ weights
         parts = np.array(
-            [w * w * b / self.seeds(a) for a, (w, b) in enumerate(zip(weights, self.between, strict=True))]
+            [
+                w * w * b / self.seeds(a)
+                for a, (w, b) in enumerate(zip(weights, self.between, strict=True))
+            ]
         )
         variance = float(parts.sum())
         if variance <= 0.0:

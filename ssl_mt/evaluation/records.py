@@ -103,7 +103,10 @@ def batch_records(
         present = batch["present"][task.name].bool().cpu().numpy()
         if not present.any():
             continue
-        logits, target = outputs[task.name], batch["target"][task.name].to(outputs[task.name].device)
+        logits, target = (
+            outputs[task.name],
+            batch["target"][task.name].to(outputs[task.name].device),
+        )
         columns: dict[str, Any] = {
             "image": [images[i] for i in np.flatnonzero(present)],
             "task": task.name,
@@ -260,7 +263,9 @@ def _loaders(datamodule: Any, splits: Sequence[str], sizes: Sequence[int]) -> It
             yield split, size, samples, loader
 
 
-def write_eval_records(trainer: Any, module: Any, datamodule: Any, run_dir: str | Path) -> list[Path]:
+def write_eval_records(
+    trainer: Any, module: Any, datamodule: Any, run_dir: str | Path
+) -> list[Path]:
     """Evaluates the best and last checkpoints and writes their records (global rank 0 only).
 
     A plain loop without collectives: the other ranks are done by then. A checkpoint that
