@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
-from ssl_mt.evaluation.records import write_eval_records
+from ssl_mt.evaluation.evaluate import write_eval_records
 from ssl_mt.runner import build_trainer, plain, prepare_resume, prepare_run, resolve_ckpt_path
 
 log = logging.getLogger(__name__)

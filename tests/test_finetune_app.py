@@ -136,7 +136,12 @@ def test_eval_records_reproduce_the_logged_metrics(two_stage_run: Path, syntheti
                         continue
                     value = metric_from_records(rows, name, task.num_classes)
                     expected = logged[f"val/{size}/{task.name}/{name}"]
-                    assert value == pytest.approx(expected, rel=1e-5, abs=1e-6), (tag, size, task.name, name)
+                    assert value == pytest.approx(expected, rel=1e-5, abs=1e-6), (
+                        tag,
+                        size,
+                        task.name,
+                        name,
+                    )
                 total += metric_from_records(rows, "loss")
             assert total == pytest.approx(logged[f"val/{size}/global/loss"], rel=1e-5)
             # The images are the val split's paths as labels.csv writes them.

@@ -343,7 +343,13 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
     for row, task in enumerate(tasks):
         part = at_size[at_size["task"] == task]
         main = part["metric"].iloc[0]
-        for column, metric in enumerate([main, LOSS] if main != LOSS else [LOSS]):
+        metrics = [main, LOSS] if main != LOSS else [LOSS]
+        if len(metrics) == 1:  # the global loss: one panel
+            grid[row][1].set_visible(False)
+            if row > 0:  # the panel above the empty one shows the fractions
+                grid[row - 1][1].xaxis.set_tick_params(labelbottom=True)
+                grid[row - 1][1].set_xlabel("label fraction")
+        for column, metric in enumerate(metrics):
             axes = grid[row][column]
             rows = part[part["metric"] == metric]
             offsets = np.linspace(-0.03, 0.03, len(arms)) if len(arms) > 1 else [0.0]
@@ -388,7 +394,7 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
             axes.grid(True, alpha=0.3)
             axes.set_title(f"{task}: {METRIC_SHORT.get(metric, metric)} @ {size} px", fontsize=10)
             axes.set_ylabel(METRIC_SHORT.get(metric, metric) + (" ↑" if is_score(metric) else " ↓"))
-            if row == len(tasks) - 1:
+            if row == len(tasks) - 1 or len(metrics) == 1:
                 axes.set_xlabel("label fraction")
     handles = [
         Line2D([], [], color=colours[a], marker=RUN_MARKERS[i % len(RUN_MARKERS)])

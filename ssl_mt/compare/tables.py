@@ -472,9 +472,11 @@ def verdict_table(comparisons: pd.DataFrame) -> pd.DataFrame:
             {
                 "task": task,
                 "metric": metric_label(row["metric"]),
-                f"{row['reference']}": _mean_std(row["reference value"], row["reference std"]),
+                f"{row['reference']} (reference)": _mean_std(
+                    row["reference value"], row["reference std"]
+                ),
                 "arm": arm,
-                "value": _mean_std(row["value"], row["std"]),
+                "arm value": _mean_std(row["value"], row["std"]),
                 "Δ [95% interval]": _difference(row),
                 "verdict": row["verdict"],
             }
