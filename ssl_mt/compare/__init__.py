@@ -6,8 +6,9 @@ Modules:
   evaluation records), Hydra multirun folders, arms (groups of seeds) and study layouts;
 - :mod:`~ssl_mt.compare.statistics`: metrics from per-image records, the paired bootstrap
   over images with the variance between seeds, verdicts;
-- :mod:`~ssl_mt.compare.tables`: final/best metrics, jumps at the resolution switch,
-  differences between arms, the label-efficiency table;
+- :mod:`~ssl_mt.compare.tables`: final/best metrics, jumps at the resolution switch, markdown;
+- :mod:`~ssl_mt.compare.differences`: differences between arms with intervals and verdicts,
+  the label-efficiency table;
 - :mod:`~ssl_mt.compare.plots`: loss curves with bands over seeds, differences, study;
 - :mod:`~ssl_mt.compare.report`: ``report.md`` / ``study.md`` with their figures;
 - ``python -m ssl_mt.compare`` (:mod:`~ssl_mt.compare.__main__`): the command line.
@@ -15,6 +16,12 @@ Modules:
 The notebook ``notebooks/compare_loss_curves.ipynb`` calls the functions exported here.
 """
 
+from ssl_mt.compare.differences import (
+    RecordsChoice,
+    comparison_table,
+    study_table,
+    verdict_table,
+)
 from ssl_mt.compare.plots import (
     plot_differences,
     plot_study,
@@ -44,14 +51,7 @@ from ssl_mt.compare.runs import (
     unique_names,
 )
 from ssl_mt.compare.statistics import BootstrapSettings, compare_arms, verdict
-from ssl_mt.compare.tables import (
-    RecordsChoice,
-    comparison_table,
-    jump_table,
-    study_table,
-    summary_table,
-    verdict_table,
-)
+from ssl_mt.compare.tables import jump_table, summary_table
 
 __all__ = [
     "Arm",

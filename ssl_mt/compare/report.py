@@ -11,6 +11,13 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ssl_mt.compare.differences import (
+    RecordsChoice,
+    arm_records,
+    comparison_table,
+    study_table,
+    verdict_table,
+)
 from ssl_mt.compare.plots import (
     plot_differences,
     plot_study,
@@ -21,19 +28,14 @@ from ssl_mt.compare.plots import (
 from ssl_mt.compare.runs import Arm, Run, StudyCell, as_arms
 from ssl_mt.compare.statistics import BootstrapSettings
 from ssl_mt.compare.tables import (
-    RecordsChoice,
     _jump_verdicts,
     _metric_column,
-    arm_records,
-    comparison_table,
     dataframe_to_markdown,
     flat_columns,
     jump_table,
     metric_label,
     plain_markdown,
-    study_table,
     summary_table,
-    verdict_table,
 )
 from ssl_mt.config import CONF_DIR
 

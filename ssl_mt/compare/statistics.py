@@ -327,13 +327,26 @@ def verdict(low: float, high: float, metric: str) -> str:
 
 
 @dataclass(frozen=True)
+class ArmSummary:
+    """One arm's value on a metric: mean over seeds, std over seeds (NaN with one), number
+    of seeds and the interval of the value (seeds and images)."""
+
+    name: str
+    value: float
+    std: float
+    seeds: int
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
 class Comparison:
     """One arm against the reference arm on one metric.
 
     Attributes:
         metric: The metric name.
-        reference / arm: Value (mean over seeds), standard deviation over seeds, number of
-            seeds and interval of each arm's value, as ``ArmSummary``.
+        reference: The reference arm's :class:`ArmSummary`.
+        arm: The compared arm's :class:`ArmSummary`.
         difference: arm − reference (mean over seeds of each).
         low, high: The interval of the difference.
         verdict: See :func:`verdict`.
@@ -348,16 +361,6 @@ class Comparison:
     high: float
     verdict: str
     images: int
-
-
-@dataclass(frozen=True)
-class ArmSummary:
-    name: str
-    value: float
-    std: float
-    seeds: int
-    low: float
-    high: float
 
 
 def summarise(draws: Draws, arm: int, name: str, settings: BootstrapSettings) -> ArmSummary:

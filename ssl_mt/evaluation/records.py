@@ -15,8 +15,9 @@ in long format: one row per (image, task) the image is labeled for, with the col
   is among the 5 highest logits; only for tasks with more than 5 classes, else empty).
 
 ``RUN/eval/<checkpoint>/checkpoint.json`` names the checkpoint file, its epoch and step.
-The records are written by :mod:`ssl_mt.evaluation.evaluate`. Every validation metric the run logs is a ratio of sums of these columns over the images
-(:mod:`ssl_mt.compare.statistics`), so two runs can be compared image by image.
+:mod:`ssl_mt.evaluation.evaluate` writes them. Every validation metric the run logs is a
+ratio of sums of these columns over the images (:mod:`ssl_mt.compare.statistics`), so two
+runs can be compared image by image.
 """
 
 from __future__ import annotations
