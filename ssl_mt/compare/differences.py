@@ -27,7 +27,7 @@ from ssl_mt.compare.statistics import (
     GLOBAL_LOSS,
     BootstrapSettings,
     Comparison,
-    compare_arms,
+    compare_arms_metrics,
     ingredients,
 )
 from ssl_mt.compare.tables import metric_label
@@ -134,19 +134,21 @@ def comparison_rows(
         present = [
             t for t in tasks if all((r["task"] == t.name).any() for runs in at_size for r in runs)
         ]
-        jobs = [(t.name, m, t) for t in present for m in t.metrics]
-        jobs.append((GLOBAL, LOSS, None))
-        for task_name, metric, task in jobs:
-            if task is None:
+        for task in [*present, None]:
+            if task is None:  # the global loss: the sum of the task losses
                 x, images, left_out = global_ingredients(at_size, present)
-                key = GLOBAL_LOSS
+                by_metric, labels, name = {GLOBAL_LOSS: x}, {GLOBAL_LOSS: LOSS}, GLOBAL
             else:
-                x, images, left_out = aligned_ingredients(at_size, task, metric)
-                key = metric
+                by_metric, labels, name = {}, {}, task.name
+                for metric in task.metrics:
+                    by_metric[metric], images, left_out = aligned_ingredients(at_size, task, metric)
+                    labels[metric] = metric
             if images == 0:
                 continue
-            for result in compare_arms(x, names, key, settings):
-                rows.append(_row(size, task_name, metric, result, images, left_out))
+            results = compare_arms_metrics(by_metric, names, settings)
+            for key, comparisons in results.items():
+                for result in comparisons:
+                    rows.append(_row(size, name, labels[key], result, images, left_out))
     return rows
 
 

@@ -23,7 +23,7 @@ with the metric's direction: never "better" or "worse" when the interval contain
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,38 +268,54 @@ def bootstrap(arms: Sequence[np.ndarray], metric: str, settings: BootstrapSettin
         metric: The metric (see :func:`metric_value`).
         settings: Replicates, random seed.
     """
-    if not arms:
+    return bootstrap_metrics({metric: arms}, settings)[metric]
+
+
+def bootstrap_metrics(
+    arms_by_metric: Mapping[str, Sequence[np.ndarray]], settings: BootstrapSettings
+) -> dict[str, Draws]:
+    """:func:`bootstrap` of several metrics on the same images, with the same image draws
+    (drawn once: at 30k images they cost more than the sums). Each metric's draws equal
+    those of :func:`bootstrap` of that metric alone."""
+    shapes = [x.shape for arms in arms_by_metric.values() for x in arms]
+    if not shapes or any(not arms for arms in arms_by_metric.values()):
         raise ValueError("no arm to bootstrap")
-    n = arms[0].shape[1]
-    if any(x.ndim != 3 or x.shape[1] != n for x in arms):
-        raise ValueError(
-            f"every arm needs (seeds, {n} images, k) ingredients: {[x.shape for x in arms]}"
-        )
+    n = shapes[0][1]
+    if any(len(shape) != 3 or shape[1] != n for shape in shapes):
+        raise ValueError(f"every arm needs (seeds, {n} images, k) ingredients: {shapes}")
     if n == 0:
         raise ValueError("no image to bootstrap over")
     rng = np.random.default_rng(settings.seed)
     iterations = settings.iterations
-    replicated = [np.empty((iterations, x.shape[0])) for x in arms]
+    replicated = {
+        metric: [np.empty((iterations, x.shape[0])) for x in arms]
+        for metric, arms in arms_by_metric.items()
+    }
     block = max(1, _BLOCK_CELLS // n)
     for start in range(0, iterations, block):
         counts = image_counts(rng, min(block, iterations - start), n)  # the same for all arms
-        for values, x in zip(replicated, arms, strict=True):
-            seeds, _, k = x.shape
-            # One matrix product for all seeds: (b, N) @ (N, S·k).
-            sums = counts @ x.transpose(1, 0, 2).reshape(n, seeds * k)
-            values[start : start + len(counts)] = metric_value(
-                metric, sums.reshape(len(counts), seeds, k)
-            )
-    per_seed = [metric_value(metric, x.sum(axis=1)) for x in arms]
-    return Draws(
-        per_seed=per_seed,
-        image_replicates=np.stack([v.mean(axis=1) for v in replicated], axis=1),
-        between=np.array(
-            [between_seed_variance(p, v) for p, v in zip(per_seed, replicated, strict=True)]
-        ),
-        images=n,
-        seed=settings.seed,
-    )
+        for metric, arms in arms_by_metric.items():
+            for values, x in zip(replicated[metric], arms, strict=True):
+                seeds, _, k = x.shape
+                # One matrix product for all seeds: (b, N) @ (N, S·k).
+                sums = counts @ x.transpose(1, 0, 2).reshape(n, seeds * k)
+                values[start : start + len(counts)] = metric_value(
+                    metric, sums.reshape(len(counts), seeds, k)
+                )
+    draws = {}
+    for metric, arms in arms_by_metric.items():
+        per_seed = [metric_value(metric, x.sum(axis=1)) for x in arms]
+        values = replicated[metric]
+        draws[metric] = Draws(
+            per_seed=per_seed,
+            image_replicates=np.stack([v.mean(axis=1) for v in values], axis=1),
+            between=np.array(
+                [between_seed_variance(p, v) for p, v in zip(per_seed, values, strict=True)]
+            ),
+            images=n,
+            seed=settings.seed,
+        )
+    return draws
 
 
 def interval(replicates: np.ndarray, settings: BootstrapSettings) -> tuple[float, float]:
@@ -391,25 +407,36 @@ def compare_arms(
         metric: The metric.
         settings: Bootstrap settings.
     """
-    if len(names) != len(arms):
-        raise ValueError(f"{len(names)} names for {len(arms)} arms")
-    draws = bootstrap(arms, metric, settings)
-    reference = summarise(draws, 0, names[0], settings)
-    comparisons = []
-    for a in range(1, len(arms)):
-        weights = np.zeros(len(arms))
-        weights[[0, a]] = -1.0, 1.0
-        low, high = interval(draws.replicates(weights), settings)
-        comparisons.append(
-            Comparison(
-                metric=metric,
-                reference=reference,
-                arm=summarise(draws, a, names[a], settings),
-                difference=draws.value(a) - draws.value(0),
-                low=low,
-                high=high,
-                verdict=verdict(low, high, metric),
-                images=draws.images,
+    return compare_arms_metrics({metric: arms}, names, settings)[metric]
+
+
+def compare_arms_metrics(
+    arms_by_metric: Mapping[str, Sequence[np.ndarray]],
+    names: Sequence[str],
+    settings: BootstrapSettings,
+) -> dict[str, list[Comparison]]:
+    """:func:`compare_arms` for several metrics on the same images (one set of image draws)."""
+    if any(len(names) != len(arms) for arms in arms_by_metric.values()):
+        raise ValueError(f"{len(names)} names for arms {[len(a) for a in arms_by_metric.values()]}")
+    results = {}
+    for metric, draws in bootstrap_metrics(arms_by_metric, settings).items():
+        reference = summarise(draws, 0, names[0], settings)
+        comparisons = []
+        for a in range(1, len(names)):
+            weights = np.zeros(len(names))
+            weights[[0, a]] = -1.0, 1.0
+            low, high = interval(draws.replicates(weights), settings)
+            comparisons.append(
+                Comparison(
+                    metric=metric,
+                    reference=reference,
+                    arm=summarise(draws, a, names[a], settings),
+                    difference=draws.value(a) - draws.value(0),
+                    low=low,
+                    high=high,
+                    verdict=verdict(low, high, metric),
+                    images=draws.images,
+                )
             )
-        )
-    return comparisons
+        results[metric] = comparisons
+    return results
