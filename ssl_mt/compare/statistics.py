@@ -379,10 +379,22 @@ class Comparison:
     images: int
 
 
-def summarise(draws: Draws, arm: int, name: str, settings: BootstrapSettings) -> ArmSummary:
+def value_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take: scores in [0, 1], losses >= 0."""
+    return (0.0, 1.0) if is_score(metric) else (0.0, math.inf)
+
+
+def _clip(bounds: tuple[float, float], low: float, high: float) -> tuple[float, float]:
+    # With 2 seeds the seed part is a t(1) draw: its tails reach past what a metric can be.
+    return max(low, bounds[0]), min(high, bounds[1])
+
+
+def summarise(
+    draws: Draws, arm: int, name: str, settings: BootstrapSettings, metric: str = "loss"
+) -> ArmSummary:
     weights = np.zeros(len(draws.per_seed))
     weights[arm] = 1.0
-    low, high = interval(draws.replicates(weights), settings)
+    low, high = _clip(value_range(metric), *interval(draws.replicates(weights), settings))
     return ArmSummary(
         name=name,
         value=draws.value(arm),
@@ -420,17 +432,19 @@ def compare_arms_metrics(
         raise ValueError(f"{len(names)} names for arms {[len(a) for a in arms_by_metric.values()]}")
     results = {}
     for metric, draws in bootstrap_metrics(arms_by_metric, settings).items():
-        reference = summarise(draws, 0, names[0], settings)
+        reference = summarise(draws, 0, names[0], settings, metric)
+        lowest, highest = value_range(metric)
+        span = (lowest - highest, highest - lowest)  # what a difference can be
         comparisons = []
         for a in range(1, len(names)):
             weights = np.zeros(len(names))
             weights[[0, a]] = -1.0, 1.0
-            low, high = interval(draws.replicates(weights), settings)
+            low, high = _clip(span, *interval(draws.replicates(weights), settings))
             comparisons.append(
                 Comparison(
                     metric=metric,
                     reference=reference,
-                    arm=summarise(draws, a, names[a], settings),
+                    arm=summarise(draws, a, names[a], settings, metric),
                     difference=draws.value(a) - draws.value(0),
                     low=low,
                     high=high,
