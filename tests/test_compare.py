@@ -37,6 +37,7 @@ from ssl_mt.compare import (
     unique_names,
     write_report,
 )
+from ssl_mt.compare.__main__ import main as compare_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWITCH = "1: 64→96 px"
@@ -478,6 +479,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _main(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """The command line in this process (cheaper than a subprocess), as ``_cli`` returns it."""
+    code = compare_main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def test_cli_writes_report(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = _cli(*map(str, two_runs), "--out", str(out), "--names", "MT", "MT+SSL")
@@ -602,8 +610,10 @@ def test_a_a_arms_find_no_difference(tmp_path: Path) -> None:
     assert (table["difference"] == 0).all()
 
 
-def test_runs_without_records_get_no_verdict(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
-    result = _cli(*map(str, two_runs), "--out", str(tmp_path / "o"))
+def test_runs_without_records_get_no_verdict(
+    capsys: pytest.CaptureFixture, two_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = _main(capsys, *map(str, two_runs), "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     assert "no verdict: some runs have no per-image evaluation records" in result.stdout
     report = (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
@@ -611,16 +621,18 @@ def test_runs_without_records_get_no_verdict(two_runs: tuple[Path, Path], tmp_pa
 
 
 def test_bad_arm_spec_and_mixed_arguments_exit_2(
-    two_runs: tuple[Path, Path], tmp_path: Path
+    capsys: pytest.CaptureFixture, two_runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    result = _cli("--arm", "noequals", "--out", str(tmp_path / "o"))
+    result = _main(capsys, "--arm", "noequals", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "NAME=RUN_DIR" in result.stderr
-    result = _cli(str(two_runs[0]), "--arm", f"B={two_runs[1]}", "--out", str(tmp_path / "o"))
+    result = _main(
+        capsys, str(two_runs[0]), "--arm", f"B={two_runs[1]}", "--out", str(tmp_path / "o")
+    )
     assert result.returncode == 2 and "not both" in result.stderr
 
 
 # -- label-efficiency study ---------------------------------------------------------------------------
-def test_study_draws_label_efficiency(tmp_path: Path) -> None:
+def test_study_draws_label_efficiency(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     study = tmp_path / "study"
     for arm, gain in (("mt", 0.0), ("mt_ssl", 1.0)):
         for fraction, base in ((5, -1.0), (25, 0.0), (100, 1.0)):
@@ -632,7 +644,7 @@ def test_study_draws_label_efficiency(tmp_path: Path) -> None:
                     run_dir, quality, seed + (50 if arm == "mt_ssl" else 0), sizes=(64,)
                 )
     out = tmp_path / "out"
-    result = _cli("study", str(study), "--out", str(out), "--bootstrap", "400")
+    result = _main(capsys, "study", str(study), "--out", str(out), "--bootstrap", "400")
     assert result.returncode == 0, result.stderr
     text = (out / "study.md").read_text(encoding="utf-8")
     assert "![label efficiency](study.png)" in text
@@ -648,10 +660,10 @@ def test_study_draws_label_efficiency(tmp_path: Path) -> None:
     assert "| 5% | mt_ssl | 2 |" in text
 
 
-def test_study_layout_errors(tmp_path: Path) -> None:
+def test_study_layout_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     (tmp_path / "s" / "mt" / "frac5x" / "seed0").mkdir(parents=True)
-    result = _cli("study", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
+    result = _main(capsys, "study", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "frac<PCT>" in result.stderr
     (tmp_path / "t" / "mt" / "frac005" / "seed0").mkdir(parents=True)
-    result = _cli("study", str(tmp_path / "t"), "--out", str(tmp_path / "o"))
+    result = _main(capsys, "study", str(tmp_path / "t"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "no evaluation records" in result.stderr
