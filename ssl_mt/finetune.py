@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
+from ssl_mt.console import stop_on_bad_sample
 from ssl_mt.evaluation.evaluate import write_eval_records
 from ssl_mt.runner import build_trainer, plain, prepare_resume, prepare_run, resolve_ckpt_path
 
@@ -68,7 +69,8 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with stop_on_bad_sample(cfg.data.root):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
+from ssl_mt.console import stop_on_bad_sample
 from ssl_mt.models.backbone import export_backbone
 from ssl_mt.runner import (
     backbone_kwargs,
@@ -69,7 +70,8 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with stop_on_bad_sample(cfg.data.root):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,13 @@ from ssl_mt.data.datasets import (
     OnBadSample,
     collate_samples,
 )
-from ssl_mt.data.manifest import MANIFEST_NAME, Sample, list_image_folder, load_manifest
+from ssl_mt.data.manifest import (
+    MANIFEST_NAME,
+    Sample,
+    list_image_folder,
+    load_manifest,
+    refuse_lossy_masks,
+)
 from ssl_mt.data.transforms import (
     ViewSpec,
     build_finetune_transform,
@@ -47,7 +53,8 @@ class _LoaderSettings:
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        # Pinned memory only helps a copy to an accelerator (torch warns when there is none).
+        self.pin_memory = pin_memory and torch.accelerator.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
         self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.seed = seed
@@ -135,6 +142,7 @@ class _StagedDataModule(L.LightningDataModule):
 
     schedule: ResolutionSchedule
     settings: _LoaderSettings
+    lossy_mask_threshold: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -185,6 +193,7 @@ class _StagedDataModule(L.LightningDataModule):
             build_finetune_transform(self.augment, size, train=False),
             self.seed,
             self.on_bad_sample,
+            self.lossy_mask_threshold,
         )
         return self.settings.loader(
             dataset,
@@ -207,6 +216,9 @@ class MultiTaskDataModule(_StagedDataModule):
         eval_batch_size: Per-device batch size of evaluation loaders.
         augment: The ``finetune`` augment config.
         size_multiple: Sizes must be multiples of this (the encoder's output stride).
+        allow_lossy_masks: Accept masks stored as JPEG (refused by default: compression
+            noise would become foreground), read as grey levels and thresholded.
+        lossy_mask_threshold: Grey level (0-255) from which such a mask is foreground.
     """
 
     def __init__(
@@ -225,10 +237,17 @@ class MultiTaskDataModule(_StagedDataModule):
         on_bad_sample: OnBadSample = "raise",
         size_multiple: int = 32,
         seed: int = 0,
+        allow_lossy_masks: bool = False,
+        lossy_mask_threshold: int = 128,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.tasks: list[TaskSpec] = parse_tasks(tasks)
+        if not 0 < lossy_mask_threshold <= 255:
+            raise ValueError(
+                f"data.lossy_mask_threshold must be in 1..255, got {lossy_mask_threshold}"
+            )
+        self.lossy_mask_threshold = lossy_mask_threshold if allow_lossy_masks else None
         self.schedule = ResolutionSchedule(stages, size_multiple)
         self.eval_sizes = [int(s) for s in eval_sizes]
         bad = [s for s in self.eval_sizes if s % size_multiple or s < size_multiple]
@@ -252,6 +271,8 @@ class MultiTaskDataModule(_StagedDataModule):
         if self.samples:
             return
         samples = load_manifest(self.root, self.tasks, val_fraction=self.val_fraction)
+        if self.lossy_mask_threshold is None:
+            refuse_lossy_masks(self.root, samples, self.tasks)
         for split in ("train", "val", "test"):
             self.samples[split] = [s for s in samples if s.split == split]
         _require_split(self.samples["train"], "train", self.root)
@@ -267,7 +288,12 @@ class MultiTaskDataModule(_StagedDataModule):
             self.augment, stage.size, train=True, strength=stage.aug_strength
         )
         return MultiTaskDataset(
-            self.samples["train"], self.tasks, transform, self.seed, self.on_bad_sample
+            self.samples["train"],
+            self.tasks,
+            transform,
+            self.seed,
+            self.on_bad_sample,
+            self.lossy_mask_threshold,
         )
 
     def _eval_loaders_for(self, split: str) -> list[DataLoader]:

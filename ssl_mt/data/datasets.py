@@ -78,6 +78,10 @@ class _SeededDataset(Dataset):
     def _describe(self, index: int) -> str:
         raise NotImplementedError
 
+    def _context(self, index: int, error: BadSampleError) -> str:
+        """What a raised error adds to its message: what the error does not name already."""
+        return self._describe(index)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = _split_key(key)
         self._epoch_seed = sample_seed(self.seed, epoch, index)
@@ -85,7 +89,9 @@ class _SeededDataset(Dataset):
             item = self._load(index)
         except BadSampleError as error:
             if self.on_bad_sample == "raise":
-                raise BadSampleError(f"{error} ({self._describe(index)})", error.path) from None
+                context = self._context(index, error)
+                message = f"{error} ({context})" if context else str(error)
+                raise BadSampleError(message, error.path) from None
             return {BAD_SAMPLE_KEY: f"{self._describe(index)}: {error}"}
         item["index"] = index
         return item
@@ -101,7 +107,8 @@ class MultiTaskDataset(_SeededDataset):
     Items are ``{"image": (3,H,W) float, "target": {task: tensor}, "present": {task: bool},
     "index": int}``. Segmentation targets are (1,H,W) float masks in {0,1}; classification
     targets are class indices (-1 when unlabeled). An unlabeled task gets a dummy target
-    and ``present=False``, so losses and metrics skip it.
+    and ``present=False``, so losses and metrics skip it. Masks stored lossily (JPEG) are
+    refused unless ``lossy_mask_threshold`` is set (see :func:`read_mask`).
     """
 
     def __init__(
@@ -111,8 +118,10 @@ class MultiTaskDataset(_SeededDataset):
         transform: A.Compose,
         seed: int = 0,
         on_bad_sample: OnBadSample = "raise",
+        lossy_mask_threshold: int | None = None,
     ) -> None:
         super().__init__(seed, on_bad_sample)
+        self.lossy_mask_threshold = lossy_mask_threshold
         self.samples = list(samples)
         self.tasks = list(tasks)
         self.seg_tasks = [t for t in self.tasks if t.is_segmentation]
@@ -125,6 +134,12 @@ class MultiTaskDataset(_SeededDataset):
         sample = self.samples[index]
         return f"labels.csv row {sample.row}, image {sample.image}"
 
+    def _context(self, index: int, error: BadSampleError) -> str:
+        sample = self.samples[index]
+        if error.path == sample.image:
+            return f"labels.csv row {sample.row}"
+        return self._describe(index)
+
     def _load(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         image = read_image(sample.image)
@@ -132,7 +147,11 @@ class MultiTaskDataset(_SeededDataset):
         masks = []
         for task in self.seg_tasks:
             path = sample.labels.get(task.name)
-            masks.append(read_mask(path, hw) if path is not None else np.zeros(hw, np.uint8))
+            masks.append(
+                read_mask(path, hw, self.lossy_mask_threshold)
+                if path is not None
+                else np.zeros(hw, np.uint8)
+            )
         if masks:
             out = self._seeded(self.transform)(image=image, masks=masks)
         else:
@@ -173,6 +192,9 @@ class MultiViewDataset(_SeededDataset):
 
     def _describe(self, index: int) -> str:
         return f"image {self.images[index]}"
+
+    def _context(self, index: int, error: BadSampleError) -> str:
+        return "" if error.path == Path(self.images[index]) else self._describe(index)
 
     def _load(self, index: int) -> dict[str, Any]:
         image = read_image(self.images[index])
