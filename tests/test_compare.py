@@ -643,6 +643,10 @@ def test_study_draws_label_efficiency(capsys: pytest.CaptureFixture, tmp_path: P
                 write_fake_records(
                     run_dir, quality, seed + (50 if arm == "mt_ssl" else 0), sizes=(64,)
                 )
+    for seed in range(2):  # an arm at one fraction only, first by name: mt stays the reference
+        write_fake_records(
+            study / "imagenet" / "frac005" / f"seed{seed}", -0.5, 70 + seed, sizes=(64,)
+        )
     out = tmp_path / "out"
     result = _main(capsys, "study", str(study), "--out", str(out), "--bootstrap", "400")
     assert result.returncode == 0, result.stderr
@@ -651,10 +655,12 @@ def test_study_draws_label_efficiency(capsys: pytest.CaptureFixture, tmp_path: P
     assert "## skin: IoU ↑ @ 64 px (120 images)" in text
     table = pd.read_csv(out / "study.csv")
     assert sorted(table["fraction"].unique()) == [5.0, 25.0, 100.0]
-    iou = table[(table["task"] == "skin") & (table["metric"] == "iou")].set_index("fraction")
+    assert (table["reference"] == "mt").all()
+    assert set(table.loc[table["arm"] == "imagenet", "fraction"]) == {5.0}
+    skin = table[(table["task"] == "skin") & (table["metric"] == "iou")]
+    iou = skin[skin["arm"] == "mt_ssl"].set_index("fraction")
     assert iou.loc[5.0, "verdict"] == "better"
     assert iou.loc[100.0, "verdict"] == "no detectable difference"
-    assert (iou["reference"] == "mt").all() and (iou["arm"] == "mt_ssl").all()
     assert iou.loc[5.0, "value"] > iou.loc[5.0, "reference value"]
     assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
     assert "| 5% | mt_ssl | 2 |" in text

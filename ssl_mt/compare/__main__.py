@@ -100,7 +100,7 @@ def _study_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference",
         default=None,
-        help="the arm the others are compared with (default: first by name)",
+        help="the arm the others are compared with (default: mt when present, else the first by name)",
     )
     _settings_arguments(parser)
     return parser

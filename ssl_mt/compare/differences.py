@@ -255,19 +255,23 @@ def _difference(row: Mapping[str, Any]) -> str:
 
 
 # -- label-efficiency study ---------------------------------------------------------------------------
+DEFAULT_REFERENCE = "mt"
+
+
 def study_table(
     cells: Sequence[StudyCell], choice: RecordsChoice, reference: str | None = None
 ) -> pd.DataFrame:
     """Per label fraction, every arm against the reference arm, as :func:`comparison_table`
     rows with a ``fraction`` column (percent). Each arm's interval is over its seeds and the
     images; the reference arm's own row (difference 0) carries its value and interval.
+    The reference defaults to the arm ``mt`` when the study has one, else the first by name.
 
     Raises:
         CompareError: The reference arm is unknown, or a seed folder has no records.
     """
     arms = sorted({c.arm for c in cells})
-    if reference is None:
-        reference = arms[0]
+    if reference is None:  # the random-init arm when there is one
+        reference = DEFAULT_REFERENCE if DEFAULT_REFERENCE in arms else arms[0]
     if reference not in arms:
         raise CompareError(f"reference arm {reference!r} is not in the study (arms: {arms})")
     order = [reference, *[a for a in arms if a != reference]]
