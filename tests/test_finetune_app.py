@@ -6,6 +6,7 @@ bad configs fail before any training step.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -17,9 +18,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from ssl_mt.compare.statistics import metric_from_records
+from ssl_mt.config import load_tasks_config
+from ssl_mt.evaluation.records import COLUMNS, read_records
 from ssl_mt.finetune import build_module, run
 from ssl_mt.models.backbone import BackboneError
 from ssl_mt.schedule import ScheduleError
+from ssl_mt.tasks import parse_tasks
 from tests.helpers import cause_chain, compose_app
 
 TASKS = ("skin", "scalp", "blur", "tone", "relevance")
@@ -107,6 +112,44 @@ def test_global_loss_is_the_sum_of_task_losses_at_that_resolution(two_stage_run:
         assert row["train/global/loss"] == pytest.approx(task_sum, rel=1e-5)
 
 
+def test_eval_records_reproduce_the_logged_metrics(two_stage_run: Path, synthetic_root: Path):
+    """Metrics recomputed from the per-image records equal the logged ones, checkpoint by
+    checkpoint: best at its epoch, last at the final epoch."""
+    df = metrics(two_stage_run)
+    tasks = parse_tasks(load_tasks_config("default"))
+    val = df[df["val/64/global/loss"].notna()].set_index("epoch")
+    for tag in ("best", "last"):
+        info = json.loads((two_stage_run / "eval" / tag / "checkpoint.json").read_text())
+        logged = val.loc[info["epoch"]]
+        for size in (32, 64):
+            path = two_stage_run / "eval" / tag / f"val_{size}.csv.gz"
+            records = read_records(path)
+            assert list(records.columns) == list(COLUMNS)
+            total = 0.0
+            for task in tasks:
+                rows = records[records["task"] == task.name]
+                assert len(rows) > 0 and rows["image"].is_unique
+                names = ["loss", *task.metrics]
+                if task.name == "blur":  # 3 classes: no top-5 column
+                    assert rows["top5"].isna().all()
+                for name in names:
+                    if name == "top5" and task.num_classes <= 5:
+                        continue
+                    value = metric_from_records(rows, name, task.num_classes)
+                    expected = logged[f"val/{size}/{task.name}/{name}"]
+                    assert value == pytest.approx(expected, rel=1e-5, abs=1e-6), (
+                        tag,
+                        size,
+                        task.name,
+                        name,
+                    )
+                total += metric_from_records(rows, "loss")
+            assert total == pytest.approx(logged[f"val/{size}/global/loss"], rel=1e-5)
+            # The images are the val split's paths as labels.csv writes them.
+            manifest = pd.read_csv(synthetic_root / "labels.csv")
+            assert set(records["image"]) == set(manifest.loc[manifest["split"] == "val", "image"])
+
+
 def test_train_size_follows_the_schedule(two_stage_run: Path):
     df = metrics(two_stage_run)
     rows = df[df["train/size"].notna()]
@@ -151,6 +194,7 @@ def _short_run(root: Path, run_dir: Path, *extra: str) -> pd.DataFrame:
         "++trainer.limit_train_batches=2",
         "++trainer.limit_val_batches=1",
         "test_after_fit=false",
+        "eval_records=false",
         *extra,
     )
     run(cfg)
@@ -165,6 +209,7 @@ def _weights(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_fixed_weighting_logs_the_configured_loss_weights(synthetic_root, tmp_path):
     df = _short_run(synthetic_root, tmp_path, "weighting=fixed", "tasks.blur.loss_weight=2.5")
+    assert not (tmp_path / "eval").exists()  # eval_records=false: no records
     weights = _weights(df)
     assert (weights["weights/blur"] == 2.5).all()
     assert (weights.drop(columns="weights/blur") == 1.0).all().all()
