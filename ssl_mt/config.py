@@ -156,10 +156,8 @@ def load_group(
         if app is None:
             raise ValueError(f"no app has a config group {group!r}")
     node = compose(app, [f"{group}={name}"], config_dirs)[group]
-    # One option on its own, for the caller to read or extend (the app's struct mode guards
-    # command-line overrides, which this is not).
-    OmegaConf.set_struct(node, False)
-    return node
+    # Detached from the app's config: interpolations resolved, open for merges (not struct).
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
 
 
 def load_tasks_config(name_or_path: str | Path = "default") -> DictConfig:

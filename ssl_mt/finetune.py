@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
 from ssl_mt.console import stop_on_bad_sample
+from ssl_mt.evaluation.evaluate import write_eval_records
 from ssl_mt.models.backbone import initial_state
 from ssl_mt.runner import build_trainer, plain, prepare_resume, prepare_run, resolve_ckpt_path
 
@@ -63,7 +64,8 @@ def build_module(cfg: DictConfig, init_weights: bool = True):
 
 
 def run(cfg: DictConfig) -> Path:
-    """Trains, then evaluates the best checkpoint on the test split when there is one."""
+    """Trains, evaluates the best checkpoint on the test split when there is one, then writes
+    the per-image evaluation records of the best and last checkpoints (``eval_records``)."""
     check_backbone_init(cfg)
     ckpt_path = resolve_ckpt_path(cfg)  # may move cfg.run_dir to the run it continues
     run_dir = prepare_run(cfg)
@@ -75,6 +77,8 @@ def run(cfg: DictConfig) -> Path:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if cfg.test_after_fit and datamodule.samples.get("test"):
         trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    if cfg.eval_records:
+        write_eval_records(trainer, module, datamodule, run_dir)
     return run_dir
 
 

@@ -47,6 +47,7 @@ def _cfg(root: Path, run_dir: Path, *extra: str):
             "logger=[csv]",
             "~callbacks.predictions",
             "test_after_fit=false",
+            "eval_records=false",
             "++trainer.limit_train_batches=2",
             "++trainer.limit_val_batches=1",
             *extra,

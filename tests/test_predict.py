@@ -42,6 +42,7 @@ def checkpoint(synthetic_root, tmp_path_factory) -> Path:
             "logger=[csv]",
             "~callbacks.predictions",
             "test_after_fit=false",
+            "eval_records=false",
             "++trainer.limit_train_batches=2",
             "++trainer.limit_val_batches=1",
         ],

@@ -26,6 +26,7 @@ data:
   num_workers: 0
   pin_memory: false
 test_after_fit: false
+eval_records: false
 """
 
 
