@@ -19,7 +19,7 @@ DEMO_SIZE ?= 96
 QUICK := experiment=quick
 
 .DEFAULT_GOAL := help
-.PHONY: help install data check preview pretrain finetune compare demo bench test test-all lint format clean
+.PHONY: help install data check preview pretrain finetune predict compare demo bench test test-all lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -52,6 +52,10 @@ pretrain: $(STAMP) $(DEFAULT_DATA) ## SimCLR pretraining: make pretrain ARGS="ex
 finetune: $(STAMP) $(DEFAULT_DATA) ## Multi-task fine-tuning: make finetune ARGS="experiment=quick backbone.weights=..."
 	$(PY) -m ssl_mt.finetune $(ARGS)
 
+predict: $(STAMP) ## Masks + labels of new photos: make predict CKPT=RUN/checkpoints/last.ckpt INPUT=photos/ OUT=preds [ARGS="--overlays"]
+	@test -n "$(CKPT)" -a -n "$(INPUT)" -a -n "$(OUT)" || (echo 'usage: make predict CKPT=... INPUT=folder-or-labels.csv OUT=dir [ARGS="--overlays --metrics"]' >&2; exit 2)
+	$(PY) -m ssl_mt.predict $(CKPT) $(INPUT) --out $(OUT) $(ARGS)
+
 compare: $(STAMP) ## Compare runs: make compare RUNS="runs/finetune/mt/X runs/finetune/mt_ssl/Y" [REPORT=dir]
 	@test -n "$(RUNS)" || (echo 'usage: make compare RUNS="RUN_DIR RUN_DIR ..." [REPORT=dir]' >&2; exit 2)
 	$(PY) -m ssl_mt.compare $(RUNS) --out $(REPORT)
@@ -64,7 +68,7 @@ demo: $(DEMO_DATA)/labels.csv ## Whole chain on synthetic data, quick profile: S
 	$(PY) -m ssl_mt.pretrain $(QUICK) schedule=quick_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/pretrain $(ARGS)
 	$(PY) -m ssl_mt.finetune $(QUICK) experiment_name=mt data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt $(ARGS)
 	$(PY) -m ssl_mt.finetune $(QUICK) experiment_name=mt_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt_ssl \
-		backbone.weights=$(DEMO_RUNS)/pretrain/backbone.safetensors $(ARGS)
+		backbone.weights=$(DEMO_RUNS)/pretrain/backbone $(ARGS)
 	$(PY) -m ssl_mt.compare $(DEMO_RUNS)/mt $(DEMO_RUNS)/mt_ssl --names MT MT+SSL --out $(DEMO_RUNS)/report
 	@echo
 	@echo "Demo finished. Report: $(DEMO_RUNS)/report/report.md (val_loss.png, train_loss.png);"

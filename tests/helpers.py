@@ -57,3 +57,22 @@ def run_quick_app(app: str, overrides: list[str], home: Path) -> subprocess.Comp
 def available_trackers() -> list[str]:
     """The optional trackers installed here (the ``mlflow`` and ``wandb`` extras)."""
     return [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is not None]
+
+
+def block_network(monkeypatch) -> None:
+    """Makes every download fail: sockets, timm's pretrained loader, the Hub, torch.hub."""
+    import socket
+
+    import huggingface_hub
+    import timm.models._builder
+    import timm.models._hub
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", offline, raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)

@@ -80,7 +80,7 @@ def test_pretrain_on_a_folder_with_macos_companions(synthetic_root: Path, tmp_pa
     assert "skipped 16 hidden file(s)" in output
     block = output[output.index("run summary") :]
     assert f"{folder}: 16 training images (folder)" in block
-    assert (run_dir / "backbone.safetensors").is_file()
+    assert (run_dir / "backbone" / "model.safetensors").is_file()
 
 
 def test_a_bad_file_stops_the_run_with_one_line(synthetic_root: Path, tmp_path: Path) -> None:

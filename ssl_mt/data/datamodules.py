@@ -2,7 +2,9 @@
 
 Both build their own :class:`EpochIndexSampler`, so Lightning keeps their loaders (and the
 persistent workers behind them) instead of re-wrapping them every epoch, and every sample's
-augmentation depends only on (seed, epoch, index).
+augmentation depends only on (seed, epoch, index). The multi-task evaluation loaders shard
+without repeats (each val/test sample on exactly one rank), so metrics reduced over the
+ranks count every sample once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ssl_mt.data.datasets import (
     EpochIndexSampler,
@@ -67,15 +70,24 @@ class _LoaderSettings:
         drop_last: bool,
         world_size: int,
         rank: int,
+        unrepeated: bool = False,
     ) -> DataLoader:
-        sampler = EpochIndexSampler(
-            dataset,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=shuffle,
-            seed=self.seed,
-            drop_last=drop_last,
-        )
+        if unrepeated:
+            # Every sample once over the ranks (shards differ by at most one), instead of
+            # DistributedSampler's padding, which repeats samples and counts them twice in
+            # evaluation metrics. Lightning leaves any DistributedSampler in place.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=False
+            )
+        else:
+            sampler = EpochIndexSampler(
+                dataset,
+                num_replicas=world_size,
+                rank=rank,
+                shuffle=shuffle,
+                seed=self.seed,
+                drop_last=drop_last,
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -184,10 +196,27 @@ class _StagedDataModule(L.LightningDataModule):
         return _resume_position(self, self._train_loader[1])
 
     def eval_loader(
-        self, samples: Sequence[Sample], tasks: Sequence[TaskSpec], size: int
+        self,
+        samples: Sequence[Sample],
+        tasks: Sequence[TaskSpec],
+        size: int,
+        unrepeated: bool = False,
+        split: str = "val",
     ) -> DataLoader:
-        """A sequential (sharded under DDP) loader of labeled samples resized to ``size``."""
+        """A sequential (sharded under DDP) loader of labeled samples resized to ``size``.
+
+        ``unrepeated``: each sample on exactly one rank (metrics reduced over the ranks count
+        it once); otherwise DistributedSampler pads the shards to equal length with repeats
+        (what an ``all_gather`` of equal-sized tensors needs).
+        """
         world, rank = _world(self)
+        if unrepeated and len(samples) < world:
+            # DDP broadcasts buffers at each rank's first evaluation forward: a rank without a
+            # batch would leave the others waiting.
+            raise ValueError(
+                f"{self.root / MANIFEST_NAME}: {len(samples)} samples in split {split!r} over "
+                f"{world} devices: every device needs at least one"
+            )
         dataset = MultiTaskDataset(
             samples,
             tasks,
@@ -204,6 +233,7 @@ class _StagedDataModule(L.LightningDataModule):
             drop_last=False,
             world_size=world,
             rank=rank,
+            unrepeated=unrepeated,
         )
 
 
@@ -272,6 +302,7 @@ class MultiTaskDataModule(_StagedDataModule):
         )
         self.samples: dict[str, list[Sample]] = {}
         self._eval_loaders: dict[str, list[DataLoader]] = {}
+        self._window_counts: tuple[tuple, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.samples:
@@ -303,10 +334,38 @@ class MultiTaskDataModule(_StagedDataModule):
             self.reduced_decoding,
         )
 
+    def train_label_counts(self, batch_idx: int, accumulate: int, task_names: Sequence[str]):
+        """Labeled samples per task of this rank's accumulation window holding ``batch_idx``.
+
+        Read from the manifest over the train sampler's order of the current epoch (no image
+        decoded), so the loss of the window's first micro-batch can already be normalised by
+        the count of the whole window. A ``(len(task_names),)`` float tensor; computed once
+        per epoch and window size (``num_samples / world`` booleans, replaced every epoch).
+        """
+        if self._train_loader is None:
+            raise RuntimeError("train_label_counts needs the train loader (train_dataloader())")
+        index, loader = self._train_loader
+        sampler = loader.sampler
+        key = (index, sampler.epoch, accumulate, tuple(task_names))
+        if self._window_counts is None or self._window_counts[0] != key:
+            dataset = loader.dataset
+            columns = [[t.name for t in dataset.tasks].index(name) for name in task_names]
+            # The plain DistributedSampler order: positions as Lightning numbers the batches
+            # (a resumed epoch skips its first batches but keeps their numbers).
+            order = torch.tensor(list(DistributedSampler.__iter__(sampler)), dtype=torch.long)
+            batch, batches = loader.batch_size, len(loader)
+            flags = dataset.presence()[:, columns][order[: batches * batch]]
+            per_batch = flags.reshape(batches, batch, len(columns)).sum(dim=1)
+            windows = [part.sum(dim=0) for part in per_batch.split(accumulate)]
+            self._window_counts = (key, torch.stack(windows).float())
+        windows = self._window_counts[1]
+        return windows[min(batch_idx // accumulate, len(windows) - 1)]
+
     def _eval_loaders_for(self, split: str) -> list[DataLoader]:
         if split not in self._eval_loaders:
             self._eval_loaders[split] = [
-                self.eval_loader(self.samples[split], self.tasks, size) for size in self.eval_sizes
+                self.eval_loader(self.samples[split], self.tasks, size, True, split)
+                for size in self.eval_sizes
             ]
         return self._eval_loaders[split]
 

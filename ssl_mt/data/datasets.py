@@ -158,6 +158,13 @@ class MultiTaskDataset(_SeededDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def presence(self) -> torch.Tensor:
+        """(N, T) bool: sample i is labeled for task j (from the manifest, no image read)."""
+        return torch.tensor(
+            [[s.labels.get(t.name) is not None for t in self.tasks] for s in self.samples],
+            dtype=torch.bool,
+        ).reshape(len(self.samples), len(self.tasks))
+
     def _describe(self, index: int) -> str:
         sample = self.samples[index]
         return f"labels.csv row {sample.row}, image {sample.image}"

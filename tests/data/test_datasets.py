@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 import ssl_mt.data.datasets as datasets_module
-from ssl_mt.config import CONF_DIR
+from ssl_mt.config import load_group
 from ssl_mt.data.datasets import (
     BAD_SAMPLE_KEY,
     EpochIndexSampler,
@@ -27,7 +26,7 @@ from ssl_mt.data.transforms import build_finetune_transform, build_ssl_view_tran
 
 
 def augment_config(name: str):
-    return OmegaConf.load(CONF_DIR / "augment" / f"{name}.yaml")
+    return load_group("augment", name)
 
 
 def to_rgb(tensor: torch.Tensor, cfg) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -10,11 +11,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 import ssl_mt.data.datasets as datasets_module
-from ssl_mt.config import CONF_DIR
+from ssl_mt.config import load_group
 from ssl_mt.data.datasets import MultiTaskDataset, MultiViewDataset
 from ssl_mt.data.decode_scale import (
     DECODED_AT,
@@ -38,8 +38,9 @@ from ssl_mt.data.transforms import build_finetune_transform, build_ssl_view_tran
 EXIF_ORIENTATION = 0x0112
 
 
+@functools.cache
 def augment_config(name: str):
-    return OmegaConf.load(CONF_DIR / "augment" / f"{name}.yaml")
+    return load_group("augment", name)
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, orientation: int = 1, quality: int = 95) -> Path:

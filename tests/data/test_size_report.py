@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import cv2
 import numpy as np
-from omegaconf import OmegaConf
 
-from ssl_mt.config import CONF_DIR
+from ssl_mt.config import load_group
 from ssl_mt.data.__main__ import main
 from ssl_mt.data.image_io import write_png
 from ssl_mt.data.manifest import load_manifest
 from ssl_mt.data.size_report import format_sizes, prepare_side, summarize_sizes
 
 
+@functools.cache
 def augments() -> list:
-    return [OmegaConf.load(CONF_DIR / "augment" / f"{n}.yaml") for n in ("skin", "finetune")]
+    return [load_group("augment", name) for name in ("skin", "finetune")]
 
 
 def big_root(tmp_path: Path, width: int = 1600, height: int = 1200) -> Path:

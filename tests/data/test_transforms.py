@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from albumentations.pytorch import ToTensorV2
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ssl_mt.config import CONF_DIR
+from ssl_mt.config import load_group
 from ssl_mt.data.transforms import (
     RandomResizedCrop,
     build_finetune_transform,
@@ -21,7 +21,7 @@ SEEDS = range(100)
 
 
 def augment_config(name: str) -> DictConfig:
-    return OmegaConf.load(CONF_DIR / "augment" / f"{name}.yaml")
+    return load_group("augment", name)
 
 
 def to_rgb(tensor: torch.Tensor, cfg) -> np.ndarray:
