@@ -7,6 +7,7 @@ augmentation depends only on (seed, epoch, index).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from ssl_mt.data.datasets import (
     OnBadSample,
     collate_samples,
 )
+from ssl_mt.data.label_fraction import describe_counts, has_any_label, keep_label_fraction
 from ssl_mt.data.manifest import MANIFEST_NAME, Sample, list_image_folder, load_manifest
 from ssl_mt.data.transforms import (
     ViewSpec,
@@ -31,6 +33,8 @@ from ssl_mt.data.transforms import (
 )
 from ssl_mt.schedule import ResolutionSchedule
 from ssl_mt.tasks import TaskSpec, parse_tasks
+
+log = logging.getLogger(__name__)
 
 
 class _LoaderSettings:
@@ -207,6 +211,11 @@ class MultiTaskDataModule(_StagedDataModule):
         eval_batch_size: Per-device batch size of evaluation loaders.
         augment: The ``finetune`` augment config.
         size_multiple: Sizes must be multiples of this (the encoder's output stride).
+        label_fraction: Share in (0, 1] of each task's labeled train samples to keep (see
+            :mod:`ssl_mt.data.label_fraction`); train images left without any label are
+            not fine-tuned on.
+        label_seed: Data seed of that subset; not the run seed, so every run and arm
+            sees the same labels.
     """
 
     def __init__(
@@ -225,8 +234,14 @@ class MultiTaskDataModule(_StagedDataModule):
         on_bad_sample: OnBadSample = "raise",
         size_multiple: int = 32,
         seed: int = 0,
+        label_fraction: float = 1.0,
+        label_seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 < float(label_fraction) <= 1.0:
+            raise ValueError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
+        self.label_fraction = float(label_fraction)
+        self.label_seed = int(label_seed)
         self.root = Path(root)
         self.tasks: list[TaskSpec] = parse_tasks(tasks)
         self.schedule = ResolutionSchedule(stages, size_multiple)
@@ -254,6 +269,14 @@ class MultiTaskDataModule(_StagedDataModule):
         samples = load_manifest(self.root, self.tasks, val_fraction=self.val_fraction)
         for split in ("train", "val", "test"):
             self.samples[split] = [s for s in samples if s.split == split]
+        train, counts = keep_label_fraction(
+            self.samples["train"], self.tasks, self.label_fraction, self.label_seed, self.root
+        )
+        self.samples["train"] = [s for s in train if has_any_label(s)]
+        self.label_counts = counts
+        log.info(
+            describe_counts(self.label_fraction, counts, len(train) - len(self.samples["train"]))
+        )
         _require_split(self.samples["train"], "train", self.root)
         _require_split(self.samples["val"], "val", self.root)
 
