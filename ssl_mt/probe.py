@@ -31,11 +31,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
+
+try:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+except ImportError as error:  # an optional extra
+    raise ImportError("ssl_mt.probe needs scikit-learn: pip install 'ssl_mt[probe]'") from error
 
 from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datasets import MultiTaskDataset, collate_samples
