@@ -1,49 +1,21 @@
-"""Optimisers and learning-rate schedules shared by both apps.
+"""Optimisers shared by both apps (the learning-rate plan is :mod:`ssl_mt.lr_plan`).
 
-- The learning rate follows the GLOBAL batch size (devices × nodes × per-device batch ×
-  accumulation): ``linear`` (base × B / 256, Goyal et al. 2017) or ``sqrt`` (base × √B,
-  SimCLR's rule for LARS with large batches).
 - Biases and normalisation parameters (every tensor with fewer than 2 dimensions) get no
   weight decay and, under LARS, no trust-ratio adaptation (timm's ``Lars`` adapts only
   groups with non-zero weight decay).
-- Linear warmup, then cosine decay, stepped per optimiser step.
+- Each group's lr is the planned peak lr × its ``lr_scale``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from ssl_mt.schedule import ResolutionSchedule
-
-LR_RULES = ("linear", "sqrt", "none")
 OPTIMIZERS = ("lars", "adamw", "sgd")
-
-
-def scaled_lr(base_lr: float, global_batch: int, rule: str, reference_batch: int = 256) -> float:
-    """Learning rate for a global batch size under a scaling rule.
-
-    Args:
-        base_lr: The rule's base rate.
-        global_batch: devices × nodes × per-device batch × gradient accumulation.
-        rule: ``linear`` (base × B / reference), ``sqrt`` (base × √B) or ``none`` (base).
-        reference_batch: Batch size at which ``linear`` gives ``base_lr``.
-    """
-    if global_batch < 1:
-        raise ValueError(f"global batch size must be >= 1, got {global_batch}")
-    if rule == "linear":
-        return base_lr * global_batch / reference_batch
-    if rule == "sqrt":
-        return base_lr * math.sqrt(global_batch)
-    if rule == "none":
-        return base_lr
-    raise ValueError(f"optim.lr_scaling must be one of {LR_RULES}, got {rule!r}")
 
 
 def decay_groups(
@@ -55,7 +27,7 @@ def decay_groups(
     """Two parameter groups: weights (with decay) and biases/norms (without).
 
     Each group carries ``lr_scale`` (multiplies the scheduled lr), ``tag`` (e.g.
-    ``backbone``, which :class:`WarmupCosine` uses for freezing) and ``name`` (how
+    ``backbone``, which :class:`~ssl_mt.lr_plan.WarmupCosine` uses for freezing) and ``name`` (how
     Lightning's LearningRateMonitor labels it; names must be unique per optimiser, so pass
     all modules that share a tag in one call).
     """
@@ -120,113 +92,3 @@ def build_optimizer(
     return create_optimizer_v2(
         params, opt=name, lr=lr, weight_decay=cfg.get("weight_decay", 0.0), **kwargs
     )
-
-
-@dataclass
-class WarmupCosine:
-    """Multiplier of each group's lr at an optimiser step: warmup, cosine, stage factors.
-
-    Picklable (a dataclass, not a lambda), so ``LambdaLR`` checkpoints it.
-
-    Attributes:
-        total_steps: Optimiser steps of the whole run.
-        warmup_steps: Linear warmup from 0 over this many steps.
-        min_ratio: Final lr as a fraction of the peak.
-        stage_starts: Step at which each progressive-resolution stage begins.
-        stage_factors: lr factor of each stage (batch-size rescaling), same length.
-        frozen_steps: Steps during which groups tagged ``backbone`` get lr 0.
-        frozen: Whether this multiplier belongs to a frozen (``backbone``) group.
-    """
-
-    total_steps: int
-    warmup_steps: int = 0
-    min_ratio: float = 0.0
-    stage_starts: tuple[int, ...] = (0,)
-    stage_factors: tuple[float, ...] = (1.0,)
-    frozen_steps: int = 0
-    frozen: bool = False
-
-    def __call__(self, step: int) -> float:
-        if self.frozen and step < self.frozen_steps:
-            return 0.0
-        if step < self.warmup_steps:
-            base = (step + 1) / self.warmup_steps
-        else:
-            span = max(1, self.total_steps - self.warmup_steps)
-            progress = min(1.0, (step - self.warmup_steps) / span)
-            base = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        factor = self.stage_factors[0]
-        for start, stage_factor in zip(self.stage_starts, self.stage_factors, strict=True):
-            if step >= start:
-                factor = stage_factor
-        return base * factor
-
-
-def lambda_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: WarmupCosine
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` with one multiplier per group; ``backbone`` groups honour freezing."""
-    lambdas = [
-        WarmupCosine(**{**schedule.__dict__, "frozen": group.get("tag") == "backbone"})
-        for group in optimizer.param_groups
-    ]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def trainer_world(trainer: Any) -> tuple[int, int]:
-    """(number of processes, gradient accumulation) of a Lightning trainer."""
-    return max(1, trainer.world_size), max(1, int(trainer.accumulate_grad_batches))
-
-
-def plan_lr(
-    cfg: Mapping[str, Any],
-    schedule: ResolutionSchedule,
-    n_train: int,
-    world_size: int,
-    accumulate: int,
-    freeze_epochs: int = 0,
-) -> tuple[float, WarmupCosine]:
-    """Peak lr and per-step multiplier for a whole (possibly progressive) run.
-
-    The peak lr follows the first stage's global batch; a later stage with another batch
-    size multiplies it by the ratio the same scaling rule gives.
-
-    Args:
-        cfg: The ``optim`` config (``base_lr``, ``lr_scaling``, ``reference_batch``,
-            ``warmup_epochs``, ``min_lr_ratio``).
-        schedule: The run's stages.
-        n_train: Training samples (before sharding across ranks).
-        world_size: Processes (devices × nodes).
-        accumulate: Gradient accumulation steps.
-        freeze_epochs: Epochs during which ``backbone`` groups get lr 0.
-    """
-    rule, reference = cfg["lr_scaling"], cfg.get("reference_batch", 256)
-    batches = [s.batch_size * world_size * accumulate for s in schedule.stages]
-    lr = scaled_lr(cfg["base_lr"], batches[0], rule, reference)
-    factors = tuple(
-        scaled_lr(1.0, b, rule, reference) / scaled_lr(1.0, batches[0], rule, reference)
-        for b in batches
-    )
-    steps = schedule.optimizer_steps(n_train, world_size, accumulate)
-    starts = tuple(sum(steps[:i]) for i in range(len(steps)))
-    per_epoch = [n / s.epochs for n, s in zip(steps, schedule.stages, strict=True)]
-
-    def steps_until(epoch: float) -> int:
-        total, remaining = 0.0, epoch
-        for stage, rate in zip(schedule.stages, per_epoch, strict=True):
-            take = min(remaining, stage.epochs)
-            total += take * rate
-            remaining -= take
-        return math.ceil(total)
-
-    total = max(1, sum(steps))
-    warmup = min(steps_until(float(cfg.get("warmup_epochs", 0))), total)
-    multiplier = WarmupCosine(
-        total_steps=total,
-        warmup_steps=warmup,
-        min_ratio=float(cfg.get("min_lr_ratio", 0.0)),
-        stage_starts=starts,
-        stage_factors=factors,
-        frozen_steps=steps_until(float(freeze_epochs)),
-    )
-    return lr, multiplier

@@ -25,6 +25,7 @@ from ssl_mt.checkpointing import (
 )
 from ssl_mt.config import check_group_keys, check_top_level_keys, check_types
 from ssl_mt.loggers import EpochMetricsInCheckpoint, restore_epoch_row, truncate_after
+from ssl_mt.sync_batchnorm import TimmSyncBatchNorm
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,12 @@ def prepare_run(cfg: DictConfig) -> Path:
 
 
 def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Trainer:
-    """The Trainer of ``cfg.trainer`` with the configured loggers and callbacks."""
+    """The Trainer of ``cfg.trainer`` with the configured loggers and callbacks.
+
+    ``trainer.sync_batchnorm: true`` becomes timm's SyncBatchNorm conversion
+    (:class:`ssl_mt.sync_batchnorm.TimmSyncBatchNorm`), never torch's, which drops the
+    activation of timm's fused norm layers.
+    """
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
     configured = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     run_dir = Path(cfg.run_dir)
@@ -85,7 +91,11 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
             RNGStateInCheckpoint(),
             *callbacks,
         ],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[
+            AtomicCheckpointIO(),
+            *([TimmSyncBatchNorm()] if cfg.trainer.get("sync_batchnorm") else []),
+        ],
+        sync_batchnorm=False,  # Lightning's flag means torch's converter
         default_root_dir=str(run_dir),
     )
 

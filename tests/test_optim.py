@@ -1,9 +1,12 @@
-"""Optimiser groups, LARS without adaptation on biases/norms, the global-batch lr rule and
-the warmup-cosine multiplier (``ssl_mt.optim``)."""
+"""Optimiser groups, LARS without adaptation on biases/norms (``ssl_mt.optim``); the
+global-batch lr rule, the warmup-cosine multiplier and resuming into a changed plan
+(``ssl_mt.lr_plan``)."""
 
 from __future__ import annotations
 
+import io
 import itertools
+import logging
 import math
 
 import pytest
@@ -11,14 +14,8 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from ssl_mt.optim import (
-    WarmupCosine,
-    build_optimizer,
-    decay_groups,
-    lambda_scheduler,
-    plan_lr,
-    scaled_lr,
-)
+from ssl_mt.lr_plan import WarmupCosine, lambda_scheduler, plan_lr, same_progress, scaled_lr
+from ssl_mt.optim import build_optimizer, decay_groups
 from ssl_mt.schedule import ResolutionSchedule
 
 LARS = {"name": "lars", "momentum": 0.9, "trust_coeff": 0.001, "weight_decay": 1e-4}
@@ -212,3 +209,118 @@ def test_frozen_backbone_groups_get_lr_zero_then_follow_the_schedule():
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match=r"optim.name must be one of .*'adam'"):
         build_optimizer(decay_groups(small_net(), 0.0), {"name": "adam"}, 0.1)
+
+
+# -- resuming with a changed config -------------------------------------------------------------
+def _scheduler(stages, world: int = 1, freeze_epochs: int = 0, n_train: int = 640):
+    """An SGD optimiser on ``small_net`` and its :class:`PlannedLR`, as the modules build them."""
+    net = small_net()
+    groups = decay_groups(net[:2], 1e-4, tag="backbone") + decay_groups(net[2:], 1e-4, tag="head")
+    lr, plan = plan_lr(
+        {**OPTIM, "warmup_epochs": 1},
+        ResolutionSchedule(stages),
+        n_train,
+        world,
+        1,
+        freeze_epochs=freeze_epochs,
+    )
+    optimizer = build_optimizer(groups, {"name": "sgd", "weight_decay": 1e-4}, lr)
+    return optimizer, lambda_scheduler(optimizer, plan)
+
+
+def _run(optimizer, scheduler, steps: int) -> list[list[float]]:
+    """The groups' lrs of ``steps`` optimiser steps (the lr each step used)."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _checkpoint(optimizer, scheduler) -> tuple[dict, dict]:
+    """Optimiser and scheduler states through a save/load round trip, as in a checkpoint."""
+    buffer = io.BytesIO()
+    torch.save((optimizer.state_dict(), scheduler.state_dict()), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _resume(state, stages, **kwargs):
+    optimizer, scheduler = _scheduler(stages, **kwargs)
+    optimizer.load_state_dict(state[0])  # Lightning's order: optimisers, then schedulers
+    scheduler.load_state_dict(state[1])
+    return optimizer, scheduler
+
+
+def _stages(*epochs_and_batches: tuple[int, int]) -> list[dict]:
+    return [{"size": 64, "epochs": e, "batch_size": b} for e, b in epochs_and_batches]
+
+
+def test_resume_without_a_config_change_is_exact(caplog):
+    stages = _stages((2, 32), (2, 16))
+    optimizer, scheduler = _scheduler(stages, freeze_epochs=1)
+    expected = _run(optimizer, scheduler, 80)  # 20 steps per epoch at batch 32, then 40
+    optimizer, scheduler = _scheduler(stages, freeze_epochs=1)
+    _run(optimizer, scheduler, 30)
+    with caplog.at_level(logging.INFO, logger="ssl_mt.lr_plan"):
+        optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), stages, freeze_epochs=1)
+    assert _run(optimizer, scheduler, 50) == expected[30:]  # bit for bit
+    assert "lr plan rebuilt" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "changed"),
+    [
+        (_stages((2, 32)), _stages((4, 32)), "total steps 40 -> 80"),
+        # A progressive stage appended: its batch size rescales the lr from its first step.
+        (_stages((2, 32)), _stages((2, 32), (2, 8)), "stage lr factors [1.0] -> [1.0, 0.25]"),
+    ],
+)
+def test_resumed_with_another_schedule_the_lr_is_the_new_plans(caplog, old, new, changed):
+    optimizer, scheduler = _scheduler(new)
+    steps = sum(ResolutionSchedule(new).optimizer_steps(640, 1, 1))
+    expected = _run(optimizer, scheduler, steps)
+    optimizer, scheduler = _scheduler(old)
+    _run(optimizer, scheduler, 40)  # the old run finished
+    with caplog.at_level(logging.INFO, logger="ssl_mt.lr_plan"):
+        optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), new)
+    assert _run(optimizer, scheduler, steps - 40) == expected[40:]
+    assert "lr plan rebuilt from the config at step 40" in caplog.text
+    assert changed in caplog.text
+
+
+def test_resumed_on_more_devices_the_plan_continues_at_the_same_epoch(caplog):
+    stages = _stages((4, 32))
+    optimizer, scheduler = _scheduler(stages, world=1)  # 20 steps per epoch
+    _run(optimizer, scheduler, 40)  # two epochs
+    with caplog.at_level(logging.INFO, logger="ssl_mt.lr_plan"):
+        optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), stages, world=2)
+    # 2 processes: 10 steps per epoch, the global batch and (linear rule) the peak lr double.
+    fresh_optimizer, fresh_scheduler = _scheduler(stages, world=2)
+    expected = _run(fresh_optimizer, fresh_scheduler, 40)
+    assert _run(optimizer, scheduler, 20) == expected[20:]  # epochs 2 and 3 of the new plan
+    assert "position step 40 -> 20 of the new plan" in caplog.text
+    assert "peak lr backbone 0.0375 -> 0.075" in caplog.text
+    assert "total steps 80 -> 40" in caplog.text
+    # Saved again and resumed with the same config: the offset carries over.
+    optimizer, scheduler = _scheduler(stages, world=1)
+    _run(optimizer, scheduler, 40)
+    optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), stages, world=2)
+    _run(optimizer, scheduler, 5)
+    optimizer, scheduler = _resume(_checkpoint(optimizer, scheduler), stages, world=2)
+    assert _run(optimizer, scheduler, 15) == expected[25:]
+
+
+@pytest.mark.parametrize(
+    ("step", "old", "new", "expected"),
+    [
+        (40, (0, 20, 40), (0, 20, 40, 60, 80), 40),  # same steps per epoch
+        (40, (0, 20, 40, 60, 80), (0, 10, 20, 30, 40), 20),  # twice the devices
+        (30, (0, 20, 40, 60, 80), (0, 10, 20, 30, 40), 15),  # half-way through epoch 1
+        (50, (0, 20, 40), (0, 10, 20), 30),  # past both plans' ends
+        (7, (), (0, 10), 7),  # an old checkpoint without epoch_starts
+    ],
+)
+def test_same_progress(step, old, new, expected):
+    assert same_progress(step, old, new) == expected

@@ -6,6 +6,15 @@
 The query encoder (backbone + MLP head) is trained; the key encoder is its EMA
 (:mod:`ssl_mt.models.ema`, constant momentum 0.999). Each step's keys of ALL ranks are
 enqueued (a no-gradient ``all_gather``), so every rank holds the same queue.
+
+Shuffling BN and SyncBatchNorm exclude each other. Shuffling BN keeps a query and its key
+from sharing batch statistics by giving the key encoder's per-GPU BatchNorm another subset of
+the global batch; SyncBatchNorm (``trainer.sync_batchnorm``) computes both encoders'
+statistics over the whole global batch, which a permutation does not change, so the
+statistics are shared again and the shuffle only costs two all-gathers. The combination is
+refused when training starts: per-GPU BatchNorm with shuffled keys (the paper's setup,
+``trainer.sync_batchnorm=false``) or global statistics without the shuffle
+(``method.shuffle_bn=false``).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ class MoCoModule(MomentumSSLModule):
         projection: ``hidden_dim`` (None: the backbone's feature size) and ``out_dim`` (128).
         queue_size: K negatives (65536); a multiple of every stage's global batch.
         temperature: InfoNCE temperature (0.2).
-        shuffle_bn: Shuffle the key batch across ranks (DDP only).
+        shuffle_bn: Shuffle the key batch across ranks (DDP only; not with SyncBatchNorm).
         momentum: Key-encoder EMA (:class:`ssl_mt.models.ema.MomentumSchedule`; constant 0.999).
         batch_size: Per-device batch, when known at construction: ``queue_size`` is checked
             against it at once (the full check, with the world size, runs in :meth:`setup`).
@@ -88,6 +97,22 @@ class MoCoModule(MomentumSSLModule):
         world = max(1, self.trainer.world_size)
         for i, s in enumerate(schedule.stages):
             self.check_queue(s.batch_size, world, f"schedule.stages[{i}]")
+
+    def on_fit_start(self) -> None:
+        # The strategy has applied its layer sync (SyncBatchNorm) by now.
+        self.check_shuffle_bn()
+
+    def check_shuffle_bn(self) -> None:
+        """Raises when Shuffling BN would run on a SyncBatchNorm key encoder (pointless: its
+        statistics are those of the global batch, whatever the order)."""
+        if self.shuffle_bn and any(isinstance(m, nn.SyncBatchNorm) for m in self.target.modules()):
+            raise ValueError(
+                "method.shuffle_bn=true with SyncBatchNorm (trainer.sync_batchnorm=true): the "
+                "key encoder's BatchNorm statistics are those of the global batch, so shuffling "
+                "the keys cannot keep a query and its key from sharing them. Choose "
+                "trainer.sync_batchnorm=false (per-GPU BatchNorm with shuffled keys, as in MoCo) "
+                "or method.shuffle_bn=false (global BatchNorm statistics, no shuffle)"
+            )
 
     def head_modules(self) -> list[nn.Module]:
         return [self.projector]

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from ssl_mt.losses.task_losses import build_task_loss
 from ssl_mt.losses.weighting import build_weighting
+from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.models.multitask_net import MultiTaskNet
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.ssl_base import to_channels_last
 from ssl_mt.models.task_metrics import step_mean, task_metrics, update_task_metrics
-from ssl_mt.optim import build_optimizer, decay_groups, lambda_scheduler, plan_lr, trainer_world
+from ssl_mt.optim import build_optimizer, decay_groups
 from ssl_mt.tasks import parse_tasks
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,12 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.models.backbone import create_backbone
 from ssl_mt.models.knn import embedding_std, knn_predict
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.task_metrics import step_mean
-from ssl_mt.optim import build_optimizer, decay_groups, lambda_scheduler, plan_lr, trainer_world
+from ssl_mt.optim import build_optimizer, decay_groups
 
 
 def to_channels_last(x: Tensor, enabled: bool) -> Tensor:
