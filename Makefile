@@ -34,7 +34,7 @@ STUDY_FT ?= $(DEMO_FT)
 STUDY_SSL ?= $(DEMO_SSL)
 
 .DEFAULT_GOAL := help
-.PHONY: help install data check preview pretrain finetune compare demo study probe bench test test-all lint format clean
+.PHONY: help install data check preview pretrain finetune predict compare demo study probe bench test test-all lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -67,6 +67,10 @@ pretrain: $(STAMP) $(DEFAULT_DATA) ## SimCLR pretraining: make pretrain ARGS="ex
 finetune: $(STAMP) $(DEFAULT_DATA) ## Multi-task fine-tuning: make finetune ARGS="experiment=quick backbone.weights=..."
 	$(PY) -m ssl_mt.finetune $(ARGS)
 
+predict: $(STAMP) ## Masks + labels of new photos: make predict CKPT=RUN/checkpoints/last.ckpt INPUT=photos/ OUT=preds [ARGS="--overlays"]
+	@test -n "$(CKPT)" -a -n "$(INPUT)" -a -n "$(OUT)" || (echo 'usage: make predict CKPT=... INPUT=folder-or-labels.csv OUT=dir [ARGS="--overlays --metrics"]' >&2; exit 2)
+	$(PY) -m ssl_mt.predict $(CKPT) $(INPUT) --out $(OUT) $(ARGS)
+
 compare: $(STAMP) ## Compare runs: make compare RUNS="runs/finetune/mt/X runs/finetune/mt_ssl/Y" [REPORT=dir]
 	@test -n "$(RUNS)" || (echo 'usage: make compare RUNS="RUN_DIR RUN_DIR ..." [REPORT=dir]' >&2; exit 2)
 	$(PY) -m ssl_mt.compare $(RUNS) --out $(REPORT)
@@ -80,7 +84,7 @@ demo: $(DEMO_DATA)/labels.csv ## Whole chain on synthetic data, quick profile: S
 	$(PY) -m ssl_mt.pretrain $(DEMO_SSL) data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/pretrain $(ARGS)
 	$(PY) -m ssl_mt.finetune $(DEMO_FT) experiment_name=mt data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt $(ARGS)
 	$(PY) -m ssl_mt.finetune $(DEMO_FT) experiment_name=mt_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt_ssl \
-		backbone.weights=$(DEMO_RUNS)/pretrain/backbone.safetensors $(ARGS)
+		backbone.weights=$(DEMO_RUNS)/pretrain/backbone $(ARGS)
 	$(PY) -m ssl_mt.compare $(DEMO_RUNS)/mt $(DEMO_RUNS)/mt_ssl --names MT MT+SSL --out $(DEMO_RUNS)/report
 	@echo
 	@echo "Demo finished. Report: $(DEMO_RUNS)/report/report.md (val_loss.png, train_loss.png);"
@@ -89,12 +93,12 @@ demo: $(DEMO_DATA)/labels.csv ## Whole chain on synthetic data, quick profile: S
 study: $(STUDY_DATA)/labels.csv ## Label efficiency: MT vs MT+SSL over label fractions x seeds, then the verdicts
 	$(PY) -m ssl_mt.pretrain $(STUDY_SSL) data.root=$(STUDY_DATA) hydra.run.dir=$(STUDY_PRETRAIN) $(ARGS)
 	$(PY) -m ssl_mt.study --out $(STUDY_DIR) --arms $(STUDY_ARMS) --fractions $(STUDY_FRACTIONS) \
-		--seeds $(STUDY_SEEDS) --weights $(STUDY_PRETRAIN)/backbone.safetensors \
+		--seeds $(STUDY_SEEDS) --weights $(STUDY_PRETRAIN)/backbone \
 		-- $(STUDY_FT) data.root=$(STUDY_DATA) $(ARGS)
 	$(PY) -m ssl_mt.compare study $(STUDY_DIR) --out $(STUDY_DIR)/report
 
-probe: $(STAMP) ## Frozen-backbone linear probe + kNN: make probe BACKBONES="RUN/backbone.safetensors random:NAME" [DATA=...]
-	@test -n "$(BACKBONES)" || (echo 'usage: make probe BACKBONES="RUN/backbone.safetensors random:test_efficientnet" DATA=root' >&2; exit 2)
+probe: $(STAMP) ## Frozen-backbone linear probe + kNN: make probe BACKBONES="RUN/backbone random:NAME" [DATA=...]
+	@test -n "$(BACKBONES)" || (echo 'usage: make probe BACKBONES="RUN/backbone random:test_efficientnet" DATA=root' >&2; exit 2)
 	$(PY) -m ssl_mt.probe $(BACKBONES) --data $(DATA) --out $(REPORT)/probe
 
 bench: $(STAMP) ## Throughput against the backbone ceiling: make bench ARGS="--device cuda --sizes 224 384"

@@ -155,7 +155,9 @@ def load_group(
         app = next((a for a in ("finetune", "pretrain") if group in app_groups(a)), None)
         if app is None:
             raise ValueError(f"no app has a config group {group!r}")
-    return compose(app, [f"{group}={name}"], config_dirs)[group]
+    node = compose(app, [f"{group}={name}"], config_dirs)[group]
+    # Detached from the app's config: interpolations resolved, open for merges (not struct).
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
 
 
 def load_tasks_config(name_or_path: str | Path = "default") -> DictConfig:

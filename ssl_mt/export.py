@@ -1,24 +1,29 @@
-"""Exports the backbone of a checkpoint as plain timm weights.
+"""Exports a checkpoint so that other tools load it without ssl_mt.
 
-    python -m ssl_mt.export CKPT --out backbone.safetensors
+    python -m ssl_mt.export CKPT --out DIR [--onnx] [--size PX]
 
 ``CKPT`` is a Lightning checkpoint of either app:
 
-- pretraining (:class:`ssl_mt.models.ssl_base.SSLModule`): the ``backbone.*`` tensors, a
-  whole timm model without classifier, exactly what a pretraining run writes at its end;
-- fine-tuning (:class:`ssl_mt.models.multitask.MultiTaskModule`): the encoder tensors
-  (``net.encoder.model.*``) under their plain timm names. The encoder is timm's
-  ``features_only`` model, so layers after the last feature map (EfficientNet's
-  ``conv_head``/``bn2``) are not in the file: it loads into smp ``tu-<name>`` encoders and
-  ``backbone.weights`` of a fine-tuning run, or into timm with ``strict=False``.
+- pretraining (:class:`ssl_mt.models.ssl_base.SSLModule`): ``DIR`` becomes a folder in timm's
+  hub layout (``config.json`` + ``model.safetensors``), exactly what a pretraining run writes
+  at its end: ``timm.create_model("local-dir:DIR", pretrained=True)`` loads it, the folder
+  uploaded to the Hugging Face Hub loads with ``hf-hub:``, and ``backbone.weights=DIR``
+  starts a fine-tuning run from it;
+- fine-tuning (:class:`ssl_mt.models.multitask.MultiTaskModule`): ``DIR/encoder.safetensors``
+  (+ ``encoder.json``), the encoder tensors (``net.encoder.model.*``) under their plain timm
+  names. The encoder is timm's ``features_only`` model, so layers after the last feature map
+  (EfficientNet's ``conv_head``/``bn2``) are not in the file: it loads into smp ``tu-<name>``
+  encoders and ``backbone.weights`` of a fine-tuning run, or into timm with ``strict=False``.
+  ``--onnx`` also writes the whole multi-task model as ``DIR/model.onnx`` (+ ``model.json``;
+  see :mod:`ssl_mt.models.onnx_export`).
 
 The model name comes from the checkpoint's saved hyper-parameters (``backbone.name``).
-Writes ``OUT`` (safetensors) and ``OUT`` with suffix ``.json`` (what it is, how to load it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pickle
 import sys
@@ -28,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import Tensor
 
 from ssl_mt.models.backbone import (
     BackboneError,
+    architecture_args,
     create_backbone,
     export_backbone,
     match_state_dict,
@@ -43,6 +50,7 @@ PRETRAIN_PREFIX = "backbone."
 FINETUNE_PREFIX = "net.encoder.model."
 # ``torch.compile`` wrappers put this between the module name and its tensors.
 COMPILED_INFIX = "_orig_mod."
+ENCODER_FILE = "encoder.safetensors"
 
 
 class ExportError(ValueError):
@@ -110,32 +118,68 @@ def _timm_kwargs(backbone: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-class _Tensors(nn.Module):
-    """A fixed set of named tensors that :func:`export_backbone` can write."""
+def training_normalization(
+    ckpt_path: str | Path, hparams: Mapping[str, Any] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input ``mean``/``std`` a checkpoint's model was trained with.
 
-    def __init__(self, tensors: Mapping[str, Tensor], pretrained_cfg: Mapping[str, Any]) -> None:
-        super().__init__()
-        self._tensors = dict(tensors)
-        self.pretrained_cfg = dict(pretrained_cfg)
+    From its hyper-parameters (``preprocess``, fine-tuning), else from the composed config
+    Hydra keeps next to the run's checkpoints (``RUN/.hydra/config.yaml``, ``augment``);
+    None when neither says.
+    """
+    from omegaconf import OmegaConf
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
-        return dict(self._tensors)
+    preprocess = (hparams or {}).get("preprocess") or {}
+    if "mean" in preprocess and "std" in preprocess:
+        return tuple(preprocess["mean"]), tuple(preprocess["std"])
+    composed = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not composed.is_file():
+        return None
+    augment = OmegaConf.load(composed).get("augment") or {}
+    if "mean" not in augment or "std" not in augment:
+        return None
+    return tuple(augment["mean"]), tuple(augment["std"])
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
-    """Writes the backbone of a pretraining or fine-tuning checkpoint as plain timm weights.
+def _write_encoder_file(tensors: Mapping[str, Tensor], out: Path, meta: Mapping[str, Any]) -> Path:
+    """``out`` (safetensors) + ``out`` with suffix ``.json``, each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(state, str(tmp), metadata={"format": "pt", "model_name": str(meta["model_name"])})
+    tmp.replace(out)
+    json_path = out.with_suffix(".json")
+    json_tmp = json_path.with_name(json_path.name + ".tmp")
+    json_tmp.write_text(json.dumps({**meta, "num_tensors": len(state)}, indent=2) + "\n")
+    json_tmp.replace(json_path)
+    return out
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, out: str | Path, onnx: bool = False, size: int | None = None
+) -> Path:
+    """Writes the export of a pretraining or fine-tuning checkpoint into the folder ``out``.
+
+    Args:
+        ckpt_path: The checkpoint.
+        out: The output folder (created; an existing export there is replaced).
+        onnx: Fine-tuning checkpoints only: also write ``out/model.onnx``.
+        size: ONNX example input side (default: the last evaluation size of the run).
 
     Returns:
         ``out``.
 
     Raises:
         FileNotFoundError: The checkpoint does not exist.
-        ExportError: Not a checkpoint, or no backbone in it.
+        ExportError: Not a checkpoint, no backbone in it, or ``out`` is a file name.
         BackboneError: The tensors do not fit the model named in its hyper-parameters.
     """
     ckpt_path, out = Path(ckpt_path), Path(out)
-    if out.suffix != ".safetensors":
-        raise ExportError(f"--out must end with .safetensors, got {out}")
+    if out.suffix in (".safetensors", ".pt", ".pth", ".onnx") or out.is_file():
+        raise ExportError(
+            f"--out is a folder (an export is config.json + model.safetensors, or "
+            f"encoder.safetensors and model.onnx), got {out}"
+        )
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt["state_dict"]
     pretrain = _strip(state, PRETRAIN_PREFIX)
@@ -150,17 +194,33 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     name = str(backbone["name"])
     model = create_backbone(**_timm_kwargs(backbone))  # checks the name first
     hparams = ckpt.get("hyper_parameters") or {}
+    hparams = hparams if isinstance(hparams, Mapping) else {}
     extra: dict[str, Any] = {
         "source_checkpoint": str(ckpt_path),
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),
     }
     if pretrain:
+        if onnx:
+            raise ExportError(
+                f"{ckpt_path} is a pretraining checkpoint: --onnx exports fine-tuned "
+                "multi-task models (the backbone folder loads in timm, which exports it)"
+            )
         subset = match_state_dict(model, pretrain, f"{ckpt_path} (backbone.*)")
         model.load_state_dict(subset, strict=True)
         extra["source"] = "pretrain"
-        image_size = hparams.get("image_size") if isinstance(hparams, Mapping) else None
-        return export_backbone(model, name, out, image_size=image_size, extra=extra)
+        norm = training_normalization(ckpt_path, hparams)
+        mean, std = norm if norm else (None, None)
+        return export_backbone(
+            model,
+            name,
+            out,
+            image_size=hparams.get("image_size"),
+            mean=mean,
+            std=std,
+            model_args=architecture_args(backbone),
+            extra=extra,
+        )
 
     from ssl_mt.models.multitask_net import timm_key
 
@@ -179,43 +239,67 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
             f"{len(mismatched)} shape mismatch(es) {mismatched[:20]}"
         )
     left_out = sorted(k for k in expected if k not in renamed)
-    extra.update(
-        source="finetune",
-        format="timm state dict of the features_only encoder (plain timm names)",
-        not_in_file=left_out,
-        load_with_timm=(
+    sizes = hparams.get("eval_sizes")
+    image_size = int(list(sizes)[-1]) if sizes else None
+    meta = {
+        "model_name": name,
+        "image_size": image_size,
+        **extra,
+        "source": "finetune",
+        "format": "timm state dict of the features_only encoder (plain timm names)",
+        "not_in_file": left_out,
+        "load_with_timm": (
             f"timm.create_model({name!r}, num_classes=0).load_state_dict(state, strict=False) "
             f"(the {len(left_out)} tensors after the last feature map are not in the file)"
         ),
-    )
-    image_size = None
-    sizes = hparams.get("eval_sizes") if isinstance(hparams, Mapping) else None
-    if sizes:
-        image_size = int(list(sizes)[-1])
-    holder = _Tensors(renamed, getattr(model, "pretrained_cfg", {}))
-    return export_backbone(holder, name, out, image_size=image_size, extra=extra)
+        "load_with_ssl_mt": f"python -m ssl_mt.finetune backbone.name={name} "
+        f"backbone.weights={out / ENCODER_FILE}",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_encoder_file(renamed, out / ENCODER_FILE, meta)
+    if onnx:
+        from ssl_mt.models.multitask import MultiTaskModule
+        from ssl_mt.models.onnx_export import export_onnx
+
+        norm = training_normalization(ckpt_path, hparams)
+        if norm is None:
+            raise ExportError(
+                f"{ckpt_path}: neither the checkpoint nor its run folder records the input "
+                "normalisation (augment.mean/std) the model was trained with"
+            )
+        # Trusted checkpoints only (as load_checkpoint): older runs pickled OmegaConf objects.
+        module = MultiTaskModule.load_from_checkpoint(
+            ckpt_path, map_location="cpu", weights_only=False
+        )
+        export_onnx(module, out, size=size or image_size or 224, mean=norm[0], std=norm[1])
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ssl_mt.export",
-        description="Write the backbone of a pretraining or fine-tuning checkpoint as a plain "
-        "timm state dict (safetensors) plus a .json describing it.",
+        description="Export a checkpoint: a pretraining one as a timm hub folder "
+        "(config.json + model.safetensors), a fine-tuning one as its encoder "
+        "(encoder.safetensors) and, with --onnx, the whole multi-task model (model.onnx).",
     )
     parser.add_argument(
         "ckpt", type=Path, help="Lightning checkpoint, e.g. RUN/checkpoints/last.ckpt"
     )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
-        "--out", type=Path, required=True, help="output file, e.g. backbone.safetensors"
+        "--onnx", action="store_true", help="fine-tuning checkpoints: also write model.onnx"
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="ONNX example input side (default: last eval size)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export_checkpoint(args.ckpt, args.out)
+        out = export_checkpoint(args.ckpt, args.out, onnx=args.onnx, size=args.size)
     except (FileNotFoundError, ExportError, BackboneError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0
 
 

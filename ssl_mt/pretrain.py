@@ -1,7 +1,9 @@
 """Self-supervised pretraining app: ``python -m ssl_mt.pretrain [hydra overrides]``.
 
 Composes ``conf/pretrain.yaml``, trains the configured method (SimCLR by default) and
-exports the backbone as ``RUN/backbone.safetensors`` + ``backbone.json`` (rank 0 only).
+exports the backbone as the folder ``RUN/backbone/`` in timm's hub layout (``config.json`` +
+``model.safetensors``; rank 0 only): ``timm.create_model("local-dir:RUN/backbone",
+pretrained=True)`` loads it, and so does ``backbone.weights=RUN/backbone`` of fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ssl_mt.config import CONF_DIR
-from ssl_mt.models.backbone import export_backbone
+from ssl_mt.console import stop_on_bad_sample
+from ssl_mt.models.backbone import architecture_args, export_backbone, initial_state
 from ssl_mt.runner import (
     backbone_kwargs,
     build_trainer,
@@ -27,9 +30,13 @@ from ssl_mt.runner import (
 log = logging.getLogger(__name__)
 
 
-def build_module(cfg: DictConfig):
-    """The pretraining LightningModule of ``cfg.method``."""
-    return instantiate(
+def build_module(cfg: DictConfig, init_weights: bool = True):
+    """The pretraining LightningModule of ``cfg.method``.
+
+    ``init_weights``: start the backbone from ``backbone.weights`` / ``backbone.pretrained``
+    (a new run); a resumed run takes every tensor from its checkpoint instead.
+    """
+    module = instantiate(
         plain(cfg.method),
         backbone=backbone_kwargs(cfg.backbone),
         optim=plain(cfg.optim),
@@ -40,6 +47,10 @@ def build_module(cfg: DictConfig):
         _recursive_=False,
         _convert_="all",  # plain containers in the checkpoint's hyper-parameters
     )
+    init = initial_state(plain(cfg.backbone)) if init_weights else None
+    if init is not None:
+        module.init_backbone(*init)
+    return module
 
 
 def run(cfg: DictConfig) -> Path:
@@ -49,7 +60,7 @@ def run(cfg: DictConfig) -> Path:
     prepare_resume(cfg, ckpt_path)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
     datamodule.setup("fit")  # manifest errors surface now, before any model is built
-    module = build_module(cfg)
+    module = build_module(cfg, init_weights=ckpt_path is None)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
@@ -58,6 +69,9 @@ def run(cfg: DictConfig) -> Path:
             cfg.backbone.name,
             run_dir / cfg.export_name,
             image_size=module.image_size,
+            mean=tuple(cfg.augment.mean),
+            std=tuple(cfg.augment.std),
+            model_args=architecture_args(plain(cfg.backbone)),
             extra={
                 "method": cfg.method._target_.rsplit(".", 1)[-1],
                 "epochs": trainer.current_epoch,
@@ -69,7 +83,8 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with stop_on_bad_sample(cfg.data.root):
+        run(cfg)
 
 
 if __name__ == "__main__":

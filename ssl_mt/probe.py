@@ -3,8 +3,8 @@
     python -m ssl_mt.probe BACKBONE [BACKBONE ...] --data ROOT --out DIR [--size PX]
 
 BACKBONE is one of
-- ``PATH/backbone.safetensors``: a pretraining export (the model name is read from the
-  ``backbone.json`` beside it);
+- ``RUN/backbone``: a pretraining export folder (timm's hub layout; the model name is its
+  ``config.json``'s ``architecture``);
 - ``random:<timm name>``: the same architecture, randomly initialised;
 - ``imagenet:<timm name>``: timm's hub weights (needs network access), or
   ``imagenet:<timm name>=<file>`` for a local copy of them, loaded through timm's
@@ -45,7 +45,7 @@ from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datasets import MultiTaskDataset, collate_samples
 from ssl_mt.data.manifest import load_manifest
 from ssl_mt.data.transforms import build_finetune_transform
-from ssl_mt.models.backbone import create_backbone
+from ssl_mt.models.backbone import HUB_CONFIG, HUB_WEIGHTS, create_backbone
 from ssl_mt.models.knn import knn_predict
 from ssl_mt.tasks import TaskSpec, parse_tasks
 
@@ -86,19 +86,17 @@ def parse_backbone(text: str) -> BackboneSpec:
             raise ValueError(f"{text}: ImageNet weights file {overlay} does not exist")
         return BackboneSpec(label=text, name=name, pretrained=True, overlay_file=overlay)
     path = Path(text)
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise ValueError(f"{text}: backbone file does not exist")
-        meta = path.with_suffix(".json")
-        if not meta.is_file():
+    if path.is_dir():
+        config = path / HUB_CONFIG
+        if not config.is_file() or not (path / HUB_WEIGHTS).is_file():
             raise ValueError(
-                f"{text}: no {meta.name} beside it to name the timm model; use an export of "
-                "`python -m ssl_mt.pretrain` (or ssl_mt.export)"
+                f"{text}: not an export folder ({HUB_CONFIG} + {HUB_WEIGHTS}) of "
+                "`python -m ssl_mt.pretrain` or `python -m ssl_mt.export`"
             )
-        name = json.loads(meta.read_text())["model_name"]
+        name = json.loads(config.read_text())["architecture"]
         return BackboneSpec(label=text, name=name, weights=path)
     raise ValueError(
-        f"backbone {text!r}: expected PATH/backbone.safetensors, random:<timm name> or "
+        f"backbone {text!r}: expected an export folder (RUN/backbone), random:<timm name> or "
         "imagenet:<timm name>[=<weights file>]"
     )
 

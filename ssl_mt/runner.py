@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssl_mt.callbacks.bad_samples import BadSampleLog
+from ssl_mt.callbacks.run_summary import RunSummary
 from ssl_mt.checkpointing import (
     LAST,
     AtomicCheckpointIO,
@@ -24,6 +25,7 @@ from ssl_mt.checkpointing import (
     latest_run_with_checkpoint,
 )
 from ssl_mt.config import check_group_keys, check_top_level_keys, check_types
+from ssl_mt.console import quiet_known_noise
 from ssl_mt.loggers import EpochMetricsInCheckpoint, restore_epoch_row, truncate_after
 from ssl_mt.sync_batchnorm import TimmSyncBatchNorm
 
@@ -59,6 +61,7 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
     (:class:`ssl_mt.sync_batchnorm.TimmSyncBatchNorm`), never torch's, which drops the
     activation of timm's fused norm layers.
     """
+    quiet_known_noise()
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
     configured = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     run_dir = Path(cfg.run_dir)
@@ -87,6 +90,7 @@ def build_trainer(cfg: DictConfig, callbacks: Iterable[L.Callback] = ()) -> L.Tr
         callbacks=[
             *configured,
             BadSampleLog(run_dir / "bad_samples.txt"),
+            RunSummary(str(run_dir)),
             EpochMetricsInCheckpoint(),
             RNGStateInCheckpoint(),
             *callbacks,

@@ -1,7 +1,7 @@
 """Label-efficiency study: every arm × label fraction × seed as a fine-tuning run.
 
     python -m ssl_mt.study --out STUDY_DIR [--arms mt mt_ssl] [--fractions 0.05 0.25 1]
-        [--seeds 0 1 2] [--weights PRETRAIN/backbone.safetensors] [-- HYDRA OVERRIDES]
+        [--seeds 0 1 2] [--weights PRETRAIN_RUN/backbone] [-- HYDRA OVERRIDES]
 
 Each run is ``python -m ssl_mt.finetune`` (its own process and Hydra run folder) in
 ``STUDY_DIR/<arm>/frac<PCT>/seed<S>/`` (PCT: the label fraction in percent, 3 digits), the
@@ -45,10 +45,8 @@ def arm_overrides(arm: str, weights: Path | None, imagenet_file: Path | None) ->
     if arm == "mt":
         return ["experiment_name=mt"]
     if arm == "mt_ssl":
-        if weights is None or not weights.is_file():
-            raise ValueError(
-                f"arm mt_ssl needs --weights PATH/backbone.safetensors (got {weights})"
-            )
+        if weights is None or not weights.exists():
+            raise ValueError(f"arm mt_ssl needs --weights PRETRAIN_RUN/backbone (got {weights})")
         return [
             "experiment_name=mt_ssl",
             f"backbone.weights={weights}",
@@ -103,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=["mt", "mt_ssl"], choices=ARMS)
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.05, 0.25, 1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--weights", type=Path, help="SSL export for the mt_ssl arm")
+    parser.add_argument("--weights", type=Path, help="SSL export folder for the mt_ssl arm")
     parser.add_argument("--imagenet-file", type=Path, help="local timm weights (mt_imagenet)")
     args = parser.parse_args(own)
     try:

@@ -10,6 +10,7 @@ import torch
 from ssl_mt.config import load_tasks_config
 from ssl_mt.data.synthetic import generate_dataset
 from ssl_mt.tasks import TaskSpec, parse_tasks
+from tests.helpers import available_trackers, run_quick_app
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +36,27 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def quick_finetune_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One epoch of the quick fine-tuning profile, launched as a user does, logging to csv
+    and every installed tracker. Returns (run directory, console output)."""
+    home = tmp_path_factory.mktemp("quick_finetune")
+    run_dir = home / "run"
+    loggers = ",".join(["csv", *available_trackers()])
+    result = run_quick_app(
+        "finetune",
+        [
+            f"data.root={synthetic_root}",
+            f"hydra.run.dir={run_dir}",
+            "schedule.stages=[{size:32,epochs:1,batch_size:8}]",
+            "schedule.eval_sizes=[32]",
+            f"logger=[{loggers}]",
+            "test_after_fit=false",
+        ],
+        home,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return run_dir, output

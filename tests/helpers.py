@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ssl_mt.config import compose
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_app(app: str, overrides: Sequence[str]):
@@ -22,3 +29,50 @@ def cause_chain(error: BaseException) -> list[BaseException]:
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     return chain
+
+
+def app_env(home: Path) -> dict[str, str]:
+    """The environment of an app launched by a test: this checkout first on the path, and
+    the trackers' per-user folders in ``home`` (nothing written to the real home)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        env[name] = str(home / name.lower())
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run_quick_app(app: str, overrides: list[str], home: Path) -> subprocess.CompletedProcess:
+    """``python -m ssl_mt.<app> experiment=quick ...`` in a subprocess, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", f"ssl_mt.{app}", "experiment=quick", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=home,
+        env=app_env(home),
+    )
+
+
+def available_trackers() -> list[str]:
+    """The optional trackers installed here (the ``mlflow`` and ``wandb`` extras)."""
+    return [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is not None]
+
+
+def block_network(monkeypatch) -> None:
+    """Makes every download fail: sockets, timm's pretrained loader, the Hub, torch.hub."""
+    import socket
+
+    import huggingface_hub
+    import timm.models._builder
+    import timm.models._hub
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", offline, raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)

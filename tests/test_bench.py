@@ -56,8 +56,11 @@ def check_rows(rows: list[dict], names: tuple[str, ...], sizes: list[int]) -> No
             assert r["images_per_step"] == expected, r
         if r["row"].endswith("_e2e"):
             assert 0.0 <= r["data_wait"] <= 1.0, r
+        if r["row"] in ("mt", "mt_e2e") and "unet" in names:
+            assert math.isfinite(r["vs_unet"]) and r["vs_unet"] > 0, r
         if r["row"] in DATA_ROWS:
             assert r["images_per_s_per_worker"] > 0, r
+            assert r["decoding"] in ("reduced", "full"), r
             step = "simclr" if r["row"] == "data_ssl" else "mt"
             fed = step if step in names else "ceiling"
             assert r["workers_needed"] >= 1 and r["fed_row"] == fed, r
@@ -69,6 +72,10 @@ def test_run_bench_measures_every_row_per_size(synthetic_root: Path) -> None:
     result = run_bench(tiny(data=synthetic_root))
 
     check_rows(result["rows"], ROW_NAMES, SIZES)
+    data_rows = [r for r in result["rows"] if r["row"] in DATA_ROWS]
+    assert len(data_rows) == 2 * len(DATA_ROWS) * len(SIZES)  # reduced and full decoding
+    for r in data_rows:  # the reduced rows' rate over the full rows' at the same size
+        assert (r["vs_full"] is not None) == (r["decoding"] == "reduced"), r
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["precision"] == "32-true"
     assert meta["backbone"] == "test_efficientnet" and meta["compile"] is False
@@ -79,6 +86,9 @@ def test_run_bench_measures_every_row_per_size(synthetic_root: Path) -> None:
     markdown = format_table(result, markdown=True)
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + len(result["rows"])  # header + one line per row
+    assert "x unet" in lines[0] and "x full" in lines[0] and "decoding" in lines[0]
+    assert any(line.startswith("| unet |") for line in lines)
+    assert {"full", "reduced"} <= {c.strip() for line in lines for c in line.split("|")}
 
 
 def test_cli_writes_table_and_json(synthetic_root: Path, tmp_path: Path) -> None:
@@ -111,6 +121,8 @@ def test_cli_writes_table_and_json(synthetic_root: Path, tmp_path: Path) -> None
         str(out),
         "--threads",
         "1",
+        "--decoding",
+        "reduced",
         "--quiet",
     ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -121,6 +133,7 @@ def test_cli_writes_table_and_json(synthetic_root: Path, tmp_path: Path) -> None
     data_rows = [r for r in result["rows"] if r["row"] in DATA_ROWS]
     assert sorted({r["workers"] for r in data_rows}) == [0, 1]  # data rows at each count
     assert len(data_rows) == 2 * len(DATA_ROWS) * len(SIZES)
+    assert {r["decoding"] for r in data_rows} == {"reduced"}
     mt_e2e = [r for r in result["rows"] if r["row"] == "mt_e2e"]
     assert all(r["workers"] == 1 for r in mt_e2e)  # e2e rows: the largest count
     check_rows(result["rows"], names, SIZES)
@@ -132,13 +145,36 @@ def test_cli_writes_table_and_json(synthetic_root: Path, tmp_path: Path) -> None
 
 
 def test_generates_a_synthetic_dataset_when_none_is_given() -> None:
-    result = run_bench(tiny(sizes=[32], steps=1, warmup=0, only=["data_ssl"]))
+    result = run_bench(tiny(sizes=[32], steps=1, warmup=0, only=["data_ssl"], decoding=["full"]))
 
     assert result["meta"]["data"].startswith("synthetic")
     assert [r["row"] for r in result["rows"]] == ["data_ssl"]
     row = result["rows"][0]
     assert row["images_per_step"] == 2 * 4  # two views per image
     assert row["workers_needed"] is None  # no step was measured to feed
+
+
+def test_camera_size_photos_full_and_reduced_rows() -> None:
+    """--camera: photos larger than the crop needs, so reduced decoding shows in the rows."""
+    settings = tiny(
+        sizes=[32],
+        batch_sizes=[2],
+        steps=1,
+        warmup=0,
+        only=["data"],
+        camera=5,
+        camera_size=(320, 240),
+    )
+    result = run_bench(settings)
+
+    assert result["meta"]["data"].startswith(
+        "camera-size synthetic: 5 JPEGs of 320x240 px (noise 4"
+    )
+    rows = {(r["row"], r["decoding"]): r for r in result["rows"]}
+    assert set(rows) == {(n, d) for n in DATA_ROWS for d in ("reduced", "full")}
+    for name in DATA_ROWS:
+        reduced, full = rows[(name, "reduced")], rows[(name, "full")]
+        assert reduced["vs_full"] == pytest.approx(reduced["images_per_s"] / full["images_per_s"])
 
 
 def test_only_and_bad_arguments() -> None:
@@ -151,3 +187,7 @@ def test_only_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="multiples of 32"):
         tiny(sizes=[48], only=["mt"]).resolved()
     assert main(["--device", "cpu", "--only", "nope", "--quiet"]) == 2
+    with pytest.raises(ValueError, match="--decoding"):
+        tiny(decoding=["half"]).resolved()
+    with pytest.raises(ValueError, match="--camera"):
+        tiny(camera=-1).resolved()

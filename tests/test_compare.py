@@ -17,12 +17,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from ssl_mt.compare import (
     CompareError,
     Switch,
+    comparison_table,
     jump_table,
+    load_arms,
+    load_choice,
     load_run,
     load_runs,
     markdown_report,
@@ -32,6 +37,7 @@ from ssl_mt.compare import (
     unique_names,
     write_report,
 )
+from ssl_mt.compare.__main__ import main as compare_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWITCH = "1: 64→96 px"
@@ -473,6 +479,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _main(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """The command line in this process (cheaper than a subprocess), as ``_cli`` returns it."""
+    code = compare_main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def test_cli_writes_report(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = _cli(*map(str, two_runs), "--out", str(out), "--names", "MT", "MT+SSL")
@@ -497,3 +510,166 @@ def test_cli_errors_exit_2_without_traceback(two_runs: tuple[Path, Path], tmp_pa
 
     result = _cli(str(two_runs[0]))  # --out missing: argparse's usage error
     assert result.returncode == 2 and "--out" in result.stderr
+
+
+# -- arms of seeds, evaluation records, verdicts -----------------------------------------------------
+IMAGES = [f"images/{i:04d}.png" for i in range(120)]
+
+
+def write_fake_records(run_dir: Path, quality: float, seed: int, sizes=(64, 96)) -> None:
+    """Per-image records of a run at both sizes for tasks skin (segmentation) and tone
+    (10 classes); ``quality`` shifts every image towards right (IoU, top-1 up, loss down).
+    Image difficulty is shared by every run (the same images); the rest is per run."""
+    from ssl_mt.evaluation.records import as_records, records_path, write_records
+
+    shared = np.random.default_rng(0)
+    difficulty = shared.normal(0.0, 1.0, len(IMAGES))
+    tone_target = shared.integers(0, 10, len(IMAGES))
+    rng = np.random.default_rng(1000 + seed)
+    for size in sizes:
+        p = 1 / (1 + np.exp(-(quality + difficulty + rng.normal(0, 0.3, len(IMAGES)))))
+        pixels = size * size // 4
+        tp = np.round(p * pixels).astype(int)
+        skin = pd.DataFrame(
+            {
+                "image": IMAGES,
+                "task": "skin",
+                "loss": 1.0 - p,
+                "tp": tp,
+                "fp": pixels - tp,
+                "fn": (pixels - tp) // 2,
+                "tn": size * size - 2 * pixels,
+            }
+        )
+        correct = rng.random(len(IMAGES)) < p
+        pred = np.where(correct, tone_target, (tone_target + 1) % 10)
+        tone = pd.DataFrame(
+            {
+                "image": IMAGES[:100],  # 20 images without a tone label
+                "task": "tone",
+                "loss": (2.0 - p)[:100],
+                "target": tone_target[:100],
+                "pred": pred[:100],
+                "top5": correct[:100].astype(int),
+            }
+        )
+        write_records(as_records([skin, tone]), records_path(run_dir, "best", "val", size))
+
+
+def make_arm(root: Path, name: str, quality: float, seeds: int, multirun: bool) -> Path:
+    """``seeds`` fake runs with records: numbered subfolders of a multirun folder, or apart."""
+    folder = root / name
+    for seed in range(seeds):
+        run_dir = folder / str(seed) if multirun else root / f"{name}_{seed}"
+        make_run(run_dir, name, VAL_A if quality < 1 else VAL_B)
+        write_fake_records(run_dir, quality, seed + (100 if quality >= 1 else 0))
+    return folder
+
+
+def test_cli_arms_of_seeds_print_the_verdict(tmp_path: Path) -> None:
+    mt = make_arm(tmp_path, "mt", 0.0, 3, multirun=True)  # a Hydra multirun folder
+    make_arm(tmp_path, "ssl", 1.5, 3, multirun=False)
+    ssl = ",".join(str(tmp_path / f"ssl_{s}") for s in range(3))
+    out = tmp_path / "out"
+    result = _cli(
+        "--arm", f"MT={mt}", "--arm", f"MT+SSL={ssl}", "--out", str(out), "--bootstrap", "400"
+    )
+    assert result.returncode == 0, result.stderr
+    stdout = result.stdout
+    assert "Verdict per task (val @ 96 px" in stdout and "seeds: MT 3, MT+SSL 3" in stdout
+    lines = {
+        line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")
+    }
+    assert "IoU ↑" in lines["skin"] and lines["skin"].rstrip(" |").endswith("better")
+    assert "top-1 ↑" in lines["tone"] and lines["tone"].rstrip(" |").endswith("better")
+    assert "loss ↓" in lines["global"] and lines["global"].rstrip(" |").endswith("better")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Differences between arms (MT is the reference)" in report
+    assert "![differences with their intervals](differences.png)" in report
+    table = pd.read_csv(out / "comparisons.csv")
+    tone = table[(table["task"] == "tone") & (table["size"] == 96)]
+    assert set(tone["metric"]) == {"top1", "top5", "f1", "loss"}
+    assert (tone["images"] == 100).all() and (tone["reference seeds"] == 3).all()
+    row = tone[tone["metric"] == "top1"].iloc[0]
+    assert row["difference low"] > 0 and row["low"] < row["value"] < row["high"]
+    assert row["std"] > 0  # over the 3 seeds
+    for name in ("val_loss.png", "differences.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_a_arms_find_no_difference(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        for seed in range(2):
+            run_dir = tmp_path / name / str(seed)
+            make_run(run_dir, name)
+            write_fake_records(run_dir, 0.0, seed)  # the same runs in both arms
+    arms = load_arms([("A", [tmp_path / "a"]), ("B", [tmp_path / "b"])])
+    table = comparison_table(arms, load_choice({"iterations": 400}))
+    assert not table.empty
+    assert (table["verdict"] == "no detectable difference").all()
+    assert (table["difference"] == 0).all()
+
+
+def test_runs_without_records_get_no_verdict(
+    capsys: pytest.CaptureFixture, two_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = _main(capsys, *map(str, two_runs), "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    assert "no verdict: some runs have no per-image evaluation records" in result.stdout
+    report = (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
+    assert "No per-image evaluation records" in report and str(two_runs[0]) in report
+
+
+def test_bad_arm_spec_and_mixed_arguments_exit_2(
+    capsys: pytest.CaptureFixture, two_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = _main(capsys, "--arm", "noequals", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "NAME=RUN_DIR" in result.stderr
+    result = _main(
+        capsys, str(two_runs[0]), "--arm", f"B={two_runs[1]}", "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "not both" in result.stderr
+
+
+# -- label-efficiency study ---------------------------------------------------------------------------
+def test_study_draws_label_efficiency(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    for arm, gain in (("mt", 0.0), ("mt_ssl", 1.0)):
+        for fraction, base in ((5, -1.0), (25, 0.0), (100, 1.0)):
+            for seed in range(2):
+                run_dir = study / arm / f"frac{fraction:03d}" / f"seed{seed}"
+                # SSL helps at 5% only: the gain fades with more labels.
+                quality = base + (gain if fraction == 5 else 0.0)
+                write_fake_records(
+                    run_dir, quality, seed + (50 if arm == "mt_ssl" else 0), sizes=(64,)
+                )
+    for seed in range(2):  # an arm at one fraction only, first by name: mt stays the reference
+        write_fake_records(
+            study / "imagenet" / "frac005" / f"seed{seed}", -0.5, 70 + seed, sizes=(64,)
+        )
+    out = tmp_path / "out"
+    result = _main(capsys, "study", str(study), "--out", str(out), "--bootstrap", "400")
+    assert result.returncode == 0, result.stderr
+    text = (out / "study.md").read_text(encoding="utf-8")
+    assert "![label efficiency](study.png)" in text
+    assert "## skin: IoU ↑ @ 64 px (120 images)" in text
+    table = pd.read_csv(out / "study.csv")
+    assert sorted(table["fraction"].unique()) == [5.0, 25.0, 100.0]
+    assert (table["reference"] == "mt").all()
+    assert set(table.loc[table["arm"] == "imagenet", "fraction"]) == {5.0}
+    skin = table[(table["task"] == "skin") & (table["metric"] == "iou")]
+    iou = skin[skin["arm"] == "mt_ssl"].set_index("fraction")
+    assert iou.loc[5.0, "verdict"] == "better"
+    assert iou.loc[100.0, "verdict"] == "no detectable difference"
+    assert iou.loc[5.0, "value"] > iou.loc[5.0, "reference value"]
+    assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
+    assert "| 5% | mt_ssl | 2 |" in text
+
+
+def test_study_layout_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    (tmp_path / "s" / "mt" / "frac5x" / "seed0").mkdir(parents=True)
+    result = _main(capsys, "study", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "frac<PCT>" in result.stderr
+    (tmp_path / "t" / "mt" / "frac005" / "seed0").mkdir(parents=True)
+    result = _main(capsys, "study", str(tmp_path / "t"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "no evaluation records" in result.stderr

@@ -1,4 +1,4 @@
-"""``python -m ssl_mt.export CKPT --out FILE``: pretraining and fine-tuning checkpoints."""
+"""``python -m ssl_mt.export CKPT --out DIR [--onnx]``: pretraining and fine-tuning checkpoints."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import timm
@@ -100,22 +101,17 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 # -- pretraining checkpoints --------------------------------------------------------------------
 def test_pretrain_checkpoint_exports_the_backbone(pretrain_ckpt, simclr_module, tmp_path):
-    out = tmp_path / "b.safetensors"
+    out = tmp_path / "b"
     assert main([str(pretrain_ckpt), "--out", str(out)]) == 0
-    assert_same(load_file(str(out)), simclr_module.backbone.state_dict())
-    meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["model_name"] == "test_efficientnet"
-    assert meta["source"] == "pretrain"
-    assert meta["image_size"] == 96
-    assert meta["source_checkpoint"] == str(pretrain_ckpt)
-    # ...and plain timm takes it back whole.
-    model = timm.create_model(
-        "test_efficientnet",
-        pretrained=True,
-        num_classes=0,
-        pretrained_cfg_overlay={"file": str(out)},
-    )
-    assert_same(model.state_dict(), load_file(str(out)))
+    assert_same(load_file(str(out / "model.safetensors")), simclr_module.backbone.state_dict())
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "test_efficientnet"
+    assert config["ssl_mt"]["source"] == "pretrain"
+    assert config["pretrained_cfg"]["input_size"] == [3, 96, 96]
+    assert config["ssl_mt"]["source_checkpoint"] == str(pretrain_ckpt)
+    # ...and plain timm takes the folder back whole.
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert_same(model.state_dict(), load_file(str(out / "model.safetensors")))
 
 
 def test_checkpoint_with_omegaconf_hyper_parameters(simclr_module, tmp_path):
@@ -128,26 +124,26 @@ def test_checkpoint_with_omegaconf_hyper_parameters(simclr_module, tmp_path):
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
         torch.load(path, weights_only=True)
-    out = export_checkpoint(path, tmp_path / "b.safetensors")
-    assert_same(load_file(str(out)), simclr_module.backbone.state_dict())
+    out = export_checkpoint(path, tmp_path / "b")
+    assert_same(load_file(str(out / "model.safetensors")), simclr_module.backbone.state_dict())
 
 
 @pytest.mark.slow
 def test_command_line(pretrain_ckpt, simclr_module, tmp_path):
-    out = tmp_path / "cli" / "backbone.safetensors"
+    out = tmp_path / "cli" / "backbone"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "ssl_mt.export", str(pretrain_ckpt), "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
-    assert_same(load_file(str(out)), simclr_module.backbone.state_dict())
-    assert out.with_suffix(".json").is_file()
+    assert_same(load_file(str(out / "model.safetensors")), simclr_module.backbone.state_dict())
+    assert (out / "config.json").is_file()
 
 
 # -- fine-tuning checkpoints ----------------------------------------------------------------------
 def test_finetune_checkpoint_exports_the_encoder_in_timm_names(
     finetune_ckpt, finetune_module, tmp_path
 ):
-    out = export_checkpoint(finetune_ckpt, tmp_path / "encoder.safetensors")
+    out = export_checkpoint(finetune_ckpt, tmp_path / "ft") / "encoder.safetensors"
     state = load_file(str(out))
     assert_same(state, finetune_module.net.encoder_state_for_timm())
     timm_state = timm.create_model("test_convnext", num_classes=0).state_dict()
@@ -178,19 +174,19 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint\n")
     with pytest.raises(ExportError, match=r"notes\.ckpt is not a Lightning checkpoint"):
-        export_checkpoint(text, tmp_path / "out.safetensors")
+        export_checkpoint(text, tmp_path / "out")
     plain = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), plain)
     with pytest.raises(ExportError, match=r"tensor\.pt is not a Lightning checkpoint"):
-        export_checkpoint(plain, tmp_path / "out.safetensors")
-    assert main([str(text), "--out", str(tmp_path / "out.safetensors")]) == 2
+        export_checkpoint(plain, tmp_path / "out")
+    assert main([str(text), "--out", str(tmp_path / "out")]) == 2
     assert "error: " in capsys.readouterr().err  # a message, exit status 2, no traceback
-    assert not (tmp_path / "out.safetensors").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*nope\.ckpt"):
-        export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "out.safetensors")
+        export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "out")
 
 
 def test_a_checkpoint_without_backbone(tmp_path):
@@ -199,7 +195,7 @@ def test_a_checkpoint_without_backbone(tmp_path):
     with pytest.raises(
         ExportError, match=r"no backbone tensors .*'backbone\.'.*'net\.encoder\.model\.'"
     ):
-        export_checkpoint(path, tmp_path / "out.safetensors")
+        export_checkpoint(path, tmp_path / "out")
 
 
 def test_a_checkpoint_without_the_model_name(simclr_module, tmp_path):
@@ -207,7 +203,7 @@ def test_a_checkpoint_without_the_model_name(simclr_module, tmp_path):
     state = {f"backbone.{k}": v for k, v in simclr_module.backbone.state_dict().items()}
     torch.save({"state_dict": state}, path)
     with pytest.raises(ExportError, match=r"no backbone\.name"):
-        export_checkpoint(path, tmp_path / "out.safetensors")
+        export_checkpoint(path, tmp_path / "out")
 
 
 def test_tensors_that_do_not_fit_the_named_model(simclr_module, tmp_path):
@@ -217,9 +213,62 @@ def test_tensors_that_do_not_fit_the_named_model(simclr_module, tmp_path):
         {"state_dict": state, "hyper_parameters": {"backbone": {"name": "test_resnet"}}}, path
     )
     with pytest.raises(BackboneError, match=r"does not fit the model:\n.*missing key\(s\)"):
-        export_checkpoint(path, tmp_path / "out.safetensors")
+        export_checkpoint(path, tmp_path / "out")
 
 
-def test_output_must_be_safetensors(pretrain_ckpt, tmp_path):
-    with pytest.raises(ExportError, match=r"--out must end with \.safetensors"):
-        export_checkpoint(pretrain_ckpt, tmp_path / "backbone.pt")
+def test_output_is_a_folder(pretrain_ckpt, tmp_path):
+    for name in ("backbone.safetensors", "backbone.pt"):
+        with pytest.raises(ExportError, match=r"--out is a folder"):
+            export_checkpoint(pretrain_ckpt, tmp_path / name)
+
+
+def test_onnx_of_a_pretraining_checkpoint_is_refused(pretrain_ckpt, tmp_path):
+    with pytest.raises(ExportError, match=r"pretraining checkpoint: --onnx"):
+        export_checkpoint(pretrain_ckpt, tmp_path / "out", onnx=True)
+
+
+# -- the multi-task model as ONNX ------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_onnx_export_matches_pytorch_under_onnxruntime(tmp_path):
+    import onnx
+    import onnxruntime
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    module = MultiTaskModule(
+        tasks=load_tasks_config("default"),
+        backbone={"name": "test_efficientnet", "pretrained": False, "weights": None},
+        optim=OPTIM,
+        weighting={"name": "fixed"},
+        eval_sizes=[64],
+        decoder_channels=[16, 16, 8, 8, 8],
+        channels_last=False,
+        preprocess={"mean": mean, "std": std},
+    )
+    ckpt = save_checkpoint(module, tmp_path / "run" / "last.ckpt")
+    out = tmp_path / "export"
+    assert main([str(ckpt), "--out", str(out), "--onnx"]) == 0
+    names = ["encoder.json", "encoder.safetensors", "model.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    description = json.loads((out / "model.json").read_text())
+    assert description["input"]["mean"] == mean and description["input"]["std"] == std
+    assert description["outputs"]["tone"]["classes"][0] == "monk_01"
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(props["ssl_mt"]) == description
+
+    session = onnxruntime.InferenceSession(
+        str(out / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [o.name for o in session.get_outputs()] == [t.name for t in module.tasks]
+    module.eval()
+    torch.manual_seed(0)
+    for shape in [(2, 3, 64, 64), (3, 3, 96, 128)]:  # batch and size are dynamic
+        images = torch.randn(shape)
+        with torch.no_grad():
+            expected = module(images)
+        got = session.run(None, {"image": images.numpy()})
+        for task, value in zip(module.tasks, got, strict=True):
+            reference = expected[task.name]
+            reference = reference.sigmoid() if task.is_segmentation else reference.softmax(1)
+            assert value.shape == tuple(reference.shape), task.name
+            np.testing.assert_allclose(value, reference.numpy(), atol=1e-5, err_msg=task.name)

@@ -6,7 +6,9 @@ bad configs fail before any training step.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -16,9 +18,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from ssl_mt.compare.statistics import metric_from_records
+from ssl_mt.config import load_tasks_config
+from ssl_mt.evaluation.records import COLUMNS, read_records
 from ssl_mt.finetune import build_module, run
 from ssl_mt.models.backbone import BackboneError
 from ssl_mt.schedule import ScheduleError
+from ssl_mt.tasks import parse_tasks
 from tests.helpers import cause_chain, compose_app
 
 TASKS = ("skin", "scalp", "blur", "tone", "relevance")
@@ -106,6 +112,44 @@ def test_global_loss_is_the_sum_of_task_losses_at_that_resolution(two_stage_run:
         assert row["train/global/loss"] == pytest.approx(task_sum, rel=1e-5)
 
 
+def test_eval_records_reproduce_the_logged_metrics(two_stage_run: Path, synthetic_root: Path):
+    """Metrics recomputed from the per-image records equal the logged ones, checkpoint by
+    checkpoint: best at its epoch, last at the final epoch."""
+    df = metrics(two_stage_run)
+    tasks = parse_tasks(load_tasks_config("default"))
+    val = df[df["val/64/global/loss"].notna()].set_index("epoch")
+    for tag in ("best", "last"):
+        info = json.loads((two_stage_run / "eval" / tag / "checkpoint.json").read_text())
+        logged = val.loc[info["epoch"]]
+        for size in (32, 64):
+            path = two_stage_run / "eval" / tag / f"val_{size}.csv.gz"
+            records = read_records(path)
+            assert list(records.columns) == list(COLUMNS)
+            total = 0.0
+            for task in tasks:
+                rows = records[records["task"] == task.name]
+                assert len(rows) > 0 and rows["image"].is_unique
+                names = ["loss", *task.metrics]
+                if task.name == "blur":  # 3 classes: no top-5 column
+                    assert rows["top5"].isna().all()
+                for name in names:
+                    if name == "top5" and task.num_classes <= 5:
+                        continue
+                    value = metric_from_records(rows, name, task.num_classes)
+                    expected = logged[f"val/{size}/{task.name}/{name}"]
+                    assert value == pytest.approx(expected, rel=1e-5, abs=1e-6), (
+                        tag,
+                        size,
+                        task.name,
+                        name,
+                    )
+                total += metric_from_records(rows, "loss")
+            assert total == pytest.approx(logged[f"val/{size}/global/loss"], rel=1e-5)
+            # The images are the val split's paths as labels.csv writes them.
+            manifest = pd.read_csv(synthetic_root / "labels.csv")
+            assert set(records["image"]) == set(manifest.loc[manifest["split"] == "val", "image"])
+
+
 def test_train_size_follows_the_schedule(two_stage_run: Path):
     df = metrics(two_stage_run)
     rows = df[df["train/size"].notna()]
@@ -150,6 +194,7 @@ def _short_run(root: Path, run_dir: Path, *extra: str) -> pd.DataFrame:
         "++trainer.limit_train_batches=2",
         "++trainer.limit_val_batches=1",
         "test_after_fit=false",
+        "eval_records=false",
         *extra,
     )
     run(cfg)
@@ -164,6 +209,7 @@ def _weights(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_fixed_weighting_logs_the_configured_loss_weights(synthetic_root, tmp_path):
     df = _short_run(synthetic_root, tmp_path, "weighting=fixed", "tasks.blur.loss_weight=2.5")
+    assert not (tmp_path / "eval").exists()  # eval_records=false: no records
     weights = _weights(df)
     assert (weights["weights/blur"] == 2.5).all()
     assert (weights.drop(columns="weights/blur") == 1.0).all().all()
@@ -330,3 +376,42 @@ def test_a_decoder_that_cannot_take_the_size_fails_opaquely_so_the_config_refuse
     )
     with pytest.raises(Exception, match=r"multiple of 32 \(e\.g\. 64\)"):
         run(cfg)
+
+
+# -- a task without validation labels -----------------------------------------------------------
+
+
+def test_a_val_split_without_tone_labels_selects_the_best_checkpoint_by_the_global_loss(
+    synthetic_root, tmp_path, caplog
+):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    frame = pd.read_csv(data / "labels.csv", dtype=str, keep_default_na=False)
+    frame.loc[frame["split"] == "val", "tone"] = ""
+    frame.to_csv(data / "labels.csv", index=False)
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="ssl_mt.models.multitask"):
+        run(
+            quick_cfg(
+                data,
+                run_dir,
+                "schedule.stages=[{size:32,epochs:3,batch_size:8}]",
+                "schedule.eval_sizes=[32]",
+                "~callbacks.predictions",
+                "logger=[csv]",
+            )
+        )
+    df = metrics(run_dir)
+    rows = df[df["val/32/global/loss"].notna()]
+    losses = dict(zip(rows["epoch"].astype(int), rows["val/32/global/loss"], strict=True))
+    assert sorted(losses) == [0, 1, 2] and all(map(math.isfinite, losses.values())), losses
+    for _, row in rows.iterrows():  # the sum of the tasks that have val labels
+        labeled = sum(row[f"val/32/{t}/loss"] for t in TASKS if t != "tone")
+        assert row["val/32/global/loss"] == pytest.approx(labeled, rel=1e-5)
+    assert not [c for c in df.columns if c.startswith("val/32/tone/")]
+    best = min(losses, key=losses.get)
+    assert (run_dir / "checkpoints" / f"best_epoch{best:03d}.ckpt").is_file(), sorted(
+        p.name for p in (run_dir / "checkpoints").iterdir()
+    )
+    named = [r for r in caplog.records if "no labeled sample of task(s) ['tone']" in r.message]
+    assert len(named) == 1, "named once, not every epoch"

@@ -116,10 +116,14 @@ def test_compare_notebook_runs(
 ) -> None:
     helpers = _test_compare()
     runs = helpers.make_two_runs(tmp_path / "runs")
+    for seed, (run, quality) in enumerate(zip(runs, (0.0, 1.5), strict=True)):
+        helpers.write_fake_records(run, quality, seed)  # per-image records: intervals
     monkeypatch.setenv("SSL_MT_RUNS", os.pathsep.join(str(r) for r in runs))
     nb = execute(COMPARE_NB, this_python_kernel)
-    assert len(outputs_of(nb, "image/png")) >= 2  # validation and training figures
+    assert len(outputs_of(nb, "image/png")) >= 3  # validation, training, differences
     markdown = "\n".join(outputs_of(nb, "text/markdown"))
+    assert "Verdict per task (val @ 96 px" in markdown
+    assert "| skin | IoU ↑ |" in markdown and "| better |" in markdown
     assert "Jump of the validation loss at the resolution switch" in markdown
     assert "| 1: 64→96 px | 64 | global | +0.3750 | +0.1875 | -0.1875 |" in markdown
     printed = "\n".join(

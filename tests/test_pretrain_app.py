@@ -1,7 +1,7 @@
 """The pretraining app end to end: a short SimCLR run learns, and its export loads anywhere.
 
 One real run (module fixture) on a dedicated synthetic dataset; its metrics.csv shows the
-loss falling and the kNN monitor next to its references; its backbone.safetensors loads in plain timm,
+loss falling and the kNN monitor next to its references; its backbone/ folder loads in plain timm (local-dir:),
 in a segmentation_models_pytorch encoder and through the fine-tuning network; the export
 command rebuilds the same file from last.ckpt. Bad configs fail before any training step.
 """
@@ -139,14 +139,21 @@ def test_knn_monitor_logs_the_random_backbone_and_the_majority_rate(run_dir: Pat
 
 @pytest.mark.slow
 def test_run_writes_export_checkpoint_and_metrics(run_dir: Path):
-    for name in ("backbone.safetensors", "backbone.json", "metrics.csv", "checkpoints/last.ckpt"):
+    for name in (
+        "backbone/model.safetensors",
+        "backbone/config.json",
+        "metrics.csv",
+        "checkpoints/last.ckpt",
+    ):
         assert (run_dir / name).is_file(), name
-    meta = json.loads((run_dir / "backbone.json").read_text())
-    assert meta["model_name"] == NAME
-    assert meta["image_size"] == 64
-    assert meta["method"] == "SimCLRModule"
-    state = load_file(str(run_dir / "backbone.safetensors"))
-    assert meta["num_tensors"] == len(state)
+    config = json.loads((run_dir / "backbone" / "config.json").read_text())
+    assert config["architecture"] == NAME
+    assert config["num_classes"] == 0
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]  # conf/augment/skin.yaml
+    assert config["ssl_mt"]["method"] == "SimCLRModule"
+    state = load_file(str(run_dir / "backbone" / "model.safetensors"))
+    assert config["ssl_mt"]["num_tensors"] == len(state)
     assert not [k for k in state if k.startswith("classifier")]
 
 
@@ -160,7 +167,7 @@ def assert_holds_the_file(state: dict[str, torch.Tensor], file_state: dict[str, 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [0, 5])
 def test_export_loads_in_plain_timm(run_dir: Path, num_classes: int):
-    path = run_dir / "backbone.safetensors"
+    path = run_dir / "backbone" / "model.safetensors"
     model = timm.create_model(
         NAME, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(path)}
     )
@@ -171,17 +178,30 @@ def test_export_loads_in_plain_timm(run_dir: Path, num_classes: int):
 
 
 @pytest.mark.slow
+def test_export_folder_loads_with_timm_local_dir_every_key_matched(run_dir: Path):
+    folder = run_dir / "backbone"
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)  # strict load
+    file_state = load_file(str(folder / "model.safetensors"))
+    assert model.num_classes == 0
+    assert set(model.state_dict()) == set(file_state)
+    assert_holds_the_file(model.state_dict(), file_state)
+    data = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data["input_size"]) == (3, 64, 64)
+
+
+@pytest.mark.slow
 def test_export_loads_in_smp_and_multitasknet(run_dir: Path, default_tasks):
-    path = run_dir / "backbone.safetensors"
+    path = run_dir / "backbone" / "model.safetensors"
     file_state = load_file(str(path))
     encoder = smp.Unet(f"tu-{NAME}", encoder_weights=None).encoder.model
     result = encoder.load_state_dict(file_state, strict=False)
     assert result.missing_keys == []
     assert_holds_the_file(encoder.state_dict(), file_state)
 
-    net = MultiTaskNet(NAME, default_tasks, decoder_channels=[32, 16, 16, 8, 8])
-    loaded, _ = net.load_encoder_weights(path)
-    assert loaded == len(net.timm_encoder.state_dict())
+    for weights in (path, path.parent):  # the file or its folder
+        net = MultiTaskNet(NAME, default_tasks, decoder_channels=[32, 16, 16, 8, 8])
+        loaded, _ = net.load_encoder_weights(weights)
+        assert loaded == len(net.timm_encoder.state_dict())
     assert_holds_the_file(
         {timm_key(k): v for k, v in net.timm_encoder.state_dict().items()}, file_state
     )
@@ -189,19 +209,24 @@ def test_export_loads_in_smp_and_multitasknet(run_dir: Path, default_tasks):
 
 @pytest.mark.slow
 def test_export_command_rebuilds_the_runs_export_from_last_ckpt(run_dir: Path, tmp_path: Path):
-    out = tmp_path / "from_ckpt.safetensors"
+    out = tmp_path / "from_ckpt"
     assert export_main([str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
-    exported, original = load_file(str(out)), load_file(str(run_dir / "backbone.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    original = load_file(str(run_dir / "backbone" / "model.safetensors"))
     assert set(exported) == set(original)
     assert_holds_the_file(exported, original)
-    assert json.loads(out.with_suffix(".json").read_text())["model_name"] == NAME
+    # The same config too (the run's normalisation comes from RUN/.hydra), but provenance.
+    rebuilt = json.loads((out / "config.json").read_text())
+    written = json.loads((run_dir / "backbone" / "config.json").read_text())
+    assert rebuilt["pretrained_cfg"] == written["pretrained_cfg"]
+    assert rebuilt["architecture"] == NAME
 
 
 @pytest.mark.slow
 def test_weights_that_do_not_fit_the_backbone_name_the_keys(
     run_dir: Path, synthetic_root: Path, tmp_path: Path
 ):
-    weights = run_dir / "backbone.safetensors"
+    weights = run_dir / "backbone"
     cfg = quick_cfg(
         synthetic_root, tmp_path, "backbone.name=efficientnet_b0", f"backbone.weights={weights}"
     )
@@ -238,7 +263,7 @@ def test_bad_config_fails_before_training(synthetic_root, tmp_path, override, er
     assert any(isinstance(e, error) for e in cause_chain(info.value))
     assert not (tmp_path / "checkpoints").exists()
     assert not (tmp_path / "metrics.csv").exists()
-    assert not (tmp_path / "backbone.safetensors").exists()
+    assert not (tmp_path / "backbone").exists()
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -268,8 +293,8 @@ def test_command_line_run_writes_the_run_directory(synthetic_root: Path, tmp_pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in (
-        "backbone.safetensors",
-        "backbone.json",
+        "backbone/model.safetensors",
+        "backbone/config.json",
         "metrics.csv",
         "checkpoints/last.ckpt",
         ".hydra/config.yaml",

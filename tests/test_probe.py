@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import timm
-from safetensors.torch import save_file
 
+from ssl_mt.models.backbone import export_backbone
 from ssl_mt.probe import main, parse_backbone, score_task
 from ssl_mt.tasks import TaskSpec
 
@@ -43,10 +42,9 @@ def test_backbone_arguments_parse_or_name_the_problem(tmp_path: Path) -> None:
     assert spec.pretrained and spec.overlay_file is None
     with pytest.raises(ValueError, match="does not exist"):
         parse_backbone(f"imagenet:efficientnet_b4={tmp_path / 'missing.safetensors'}")
-    lonely = tmp_path / "backbone.safetensors"
-    lonely.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"backbone\.json"):
-        parse_backbone(str(lonely))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not an export folder"):
+        parse_backbone(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="expected"):
         parse_backbone("resnet50")
 
@@ -55,11 +53,11 @@ def test_backbone_arguments_parse_or_name_the_problem(tmp_path: Path) -> None:
 def test_cli_probes_an_export_and_a_random_backbone_on_the_same_split(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
-    export = tmp_path / "run" / "backbone.safetensors"
-    export.parent.mkdir()
-    state = timm.create_model("test_efficientnet", num_classes=0).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(export))
-    export.with_suffix(".json").write_text(json.dumps({"model_name": "test_efficientnet"}))
+    export = export_backbone(
+        timm.create_model("test_efficientnet", num_classes=0),
+        "test_efficientnet",
+        tmp_path / "run" / "backbone",
+    )
     out = tmp_path / "probe"
     args = [str(export), "random:test_efficientnet", "--data", str(synthetic_root)]
     assert main([*args, "--out", str(out), "--size", "32", "--k", "5"]) == 0

@@ -19,8 +19,8 @@ def test_fraction_folders_have_three_digit_percents() -> None:
 
 
 def test_plan_covers_every_arm_fraction_and_seed(tmp_path: Path) -> None:
-    weights = tmp_path / "backbone.safetensors"
-    weights.write_bytes(b"")
+    weights = tmp_path / "backbone"
+    weights.mkdir()
     runs = plan(
         tmp_path / "study",
         ["mt", "mt_ssl"],
@@ -45,8 +45,8 @@ def composed(overrides: list[str]) -> dict:
 
 
 def test_arms_at_one_fraction_and_seed_differ_only_in_the_backbone_init(tmp_path: Path) -> None:
-    weights = tmp_path / "backbone.safetensors"
-    weights.write_bytes(b"")
+    weights = tmp_path / "backbone"
+    weights.mkdir()
     runs = plan(
         tmp_path, ["mt", "mt_ssl", "mt_imagenet"], [0.25], [2], weights, None, ["experiment=quick"]
     )

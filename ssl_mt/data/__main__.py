@@ -56,10 +56,34 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     generate.set_defaults(run=_generate)
 
-    check = commands.add_parser("check", help="validate labels.csv and every file it names")
-    check.add_argument("root", type=Path)
+    check = commands.add_parser(
+        "check",
+        help="validate labels.csv and every file it names, or every image of a plain folder",
+    )
+    check.add_argument("root", type=Path, help="dataset root (labels.csv) or image folder")
+    check.add_argument(
+        "--folder",
+        action="store_true",
+        help="check ROOT as a plain image folder even when it has a labels.csv",
+    )
+    check.add_argument(
+        "--allow-lossy-masks",
+        type=int,
+        nargs="?",
+        const=128,
+        default=None,
+        metavar="THRESHOLD",
+        help="read JPEG masks thresholded at THRESHOLD (default 128), as training does with "
+        "data.allow_lossy_masks=true, instead of reporting them",
+    )
     _add_tasks(check)
     check.add_argument("--workers", type=int, default=0, help="threads (0 = all cores)")
+    check.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="largest training size in px (default: the apps' default schedules)",
+    )
     check.set_defaults(run=_check)
 
     preview = commands.add_parser("preview", help="draw a grid of samples (or of SSL views)")
@@ -117,13 +141,38 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ssl_mt.data.check import check_dataset, format_report
+    from ssl_mt.data.check import check_dataset, check_image_folder, format_report
+    from ssl_mt.data.manifest import MANIFEST_NAME
 
-    report = check_dataset(
-        args.root, _tasks(args.tasks), workers=args.workers, progress=sys.stderr.isatty()
-    )
+    progress = sys.stderr.isatty()
+    tasks = _tasks(args.tasks)
+    if args.folder or not (args.root / MANIFEST_NAME).is_file():
+        report = check_image_folder(args.root, workers=args.workers, progress=progress)
+    else:
+        report = check_dataset(
+            args.root,
+            tasks,
+            workers=args.workers,
+            progress=progress,
+            lossy_mask_threshold=args.allow_lossy_masks,
+        )
     print(format_report(report))
+    if report.samples:
+        print("\n".join(_size_lines(args, report.samples, tasks)))
     return 0 if report.ok else EXIT_PROBLEMS
+
+
+def _size_lines(args: argparse.Namespace, samples, tasks: list[TaskSpec]) -> list[str]:
+    """Median image and mask sizes against the training sizes of the apps' defaults."""
+    from ssl_mt.config import APPS, compose
+    from ssl_mt.data.size_report import format_sizes, summarize_sizes
+
+    configs = [compose(app) for app in APPS]
+    train_size = args.train_size or max(
+        int(stage.size) for cfg in configs for stage in cfg.schedule.stages
+    )
+    augments = [cfg.augment for cfg in configs]
+    return format_sizes(summarize_sizes(samples, tasks), train_size, augments, args.root)
 
 
 def _preview(args: argparse.Namespace) -> int:

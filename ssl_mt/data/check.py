@@ -1,4 +1,5 @@
-"""Validates a dataset root before training: the csv, every image and every mask.
+"""Validates a dataset root before training: the csv, every image and every mask; or a
+plain image folder (SSL pretraining without a csv): every image.
 
 Loaders fail on the first bad sample, hours into a run; ``check_dataset`` reads everything
 up front and names every problem with its csv line and file.
@@ -17,10 +18,12 @@ from tqdm import tqdm
 
 from ssl_mt.data.image_io import BadSampleError, read_image, read_mask
 from ssl_mt.data.manifest import (
+    IMAGE_EXTENSIONS,
     MANIFEST_NAME,
     SPLITS,
     ManifestError,
     Sample,
+    is_hidden,
     missing_task_columns,
     parse_rows,
     read_table,
@@ -45,6 +48,9 @@ class CheckReport:
             holds the number of samples per split.
         kinds: Per task, its kind (``segmentation`` / ``classification``).
         n_rows: Number of data rows in ``labels.csv``.
+        samples: The rows that parsed (their sizes are summarised by ``data check``).
+        n_images: Images found, when a plain image folder was checked (no csv).
+        n_hidden: Hidden files named like images, skipped in a folder check.
     """
 
     root: Path
@@ -52,6 +58,9 @@ class CheckReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     n_rows: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    n_images: int | None = None
+    n_hidden: int = 0
 
     @property
     def ok(self) -> bool:
@@ -59,7 +68,11 @@ class CheckReport:
 
 
 def check_dataset(
-    root: str | Path, tasks: Sequence[TaskSpec], workers: int = 0, progress: bool = False
+    root: str | Path,
+    tasks: Sequence[TaskSpec],
+    workers: int = 0,
+    progress: bool = False,
+    lossy_mask_threshold: int | None = None,
 ) -> CheckReport:
     """Checks ``ROOT/labels.csv`` and every file it names.
 
@@ -68,6 +81,8 @@ def check_dataset(
         tasks: Tasks whose columns are checked.
         workers: Threads decoding files (0 = one per CPU core).
         progress: Show a progress bar over the rows.
+        lossy_mask_threshold: Read masks stored lossily (JPEG) thresholded at this grey
+            level, as training does with ``data.allow_lossy_masks=true``; None reports them.
 
     Returns:
         The report; ``report.ok`` is False when anything is wrong.
@@ -89,10 +104,52 @@ def check_dataset(
         )
     present = [t for t in tasks if t not in missing]
     samples, problems = parse_rows(root, table, present)
+    report.samples = list(samples)
     report.problems.extend(f"{manifest} {message}" for message in problems)
     report.counts = count_labels(samples, tasks)
     segmentation = [t for t in present if t.is_segmentation]
-    report.problems.extend(_check_files(root, samples, segmentation, workers, progress))
+    report.problems.extend(
+        _check_files(root, samples, segmentation, workers, progress, lossy_mask_threshold)
+    )
+    return report
+
+
+def check_image_folder(root: str | Path, workers: int = 0, progress: bool = False) -> CheckReport:
+    """Checks a plain image folder (SSL pretraining's ``data.source=folder``): every image
+    the loader would take is decoded, and every one that cannot be is named.
+
+    Args:
+        root: The folder (searched recursively, hidden files skipped as the loader does).
+        workers: Threads decoding files (0 = one per CPU core).
+        progress: Show a progress bar over the images.
+    """
+    root = Path(root)
+    report = CheckReport(root=root)
+    if not root.is_dir():
+        report.problems.append(f"{root}: not a folder")
+        return report
+    candidates = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = sorted(p for p in candidates if not is_hidden(p, root) and p.is_file())
+    report.n_images, report.n_hidden = len(images), len(candidates) - len(images)
+    if not images:
+        report.problems.append(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        return report
+
+    def problems(chunk: Sequence[Path]) -> list[str]:
+        found = []
+        for path in chunk:
+            try:
+                _decode_image(path)
+            except BadSampleError as error:
+                found.append(str(error))
+        return found
+
+    chunks = [images[i : i + _CHUNK] for i in range(0, len(images), _CHUNK)]
+    bar = tqdm(total=len(images), desc="check", unit="img", disable=not progress)
+    with bar, ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
+        for chunk, found in zip(chunks, pool.map(problems, chunks), strict=True):
+            bar.update(len(chunk))
+            report.problems.extend(found)
     return report
 
 
@@ -119,6 +176,7 @@ def _check_files(
     tasks: Sequence[TaskSpec],
     workers: int,
     progress: bool,
+    lossy_mask_threshold: int | None = None,
 ) -> Iterator[str]:
     """Decodes every image and mask on a thread pool (OpenCV releases the GIL)."""
     chunks = [samples[i : i + _CHUNK] for i in range(0, len(samples), _CHUNK)]
@@ -126,17 +184,33 @@ def _check_files(
     bar = tqdm(total=len(samples), desc="check", unit="row", disable=not progress)
     with bar, ThreadPoolExecutor(workers) as pool:
         for chunk, problems in zip(
-            chunks, pool.map(lambda c: _check_chunk(root, c, tasks), chunks), strict=True
+            chunks,
+            pool.map(lambda c: _check_chunk(root, c, tasks, lossy_mask_threshold), chunks),
+            strict=True,
         ):
             bar.update(len(chunk))
             yield from problems
 
 
-def _check_chunk(root: Path, samples: Sequence[Sample], tasks: Sequence[TaskSpec]) -> list[str]:
-    return [problem for sample in samples for problem in check_sample(root, sample, tasks)]
+def _check_chunk(
+    root: Path,
+    samples: Sequence[Sample],
+    tasks: Sequence[TaskSpec],
+    lossy_mask_threshold: int | None,
+) -> list[str]:
+    return [
+        problem
+        for sample in samples
+        for problem in check_sample(root, sample, tasks, lossy_mask_threshold)
+    ]
 
 
-def check_sample(root: Path, sample: Sample, tasks: Sequence[TaskSpec]) -> list[str]:
+def check_sample(
+    root: Path,
+    sample: Sample,
+    tasks: Sequence[TaskSpec],
+    lossy_mask_threshold: int | None = None,
+) -> list[str]:
     """Problems of one sample's image and masks; each names the csv line and the file."""
     where = f"{root / MANIFEST_NAME} row {sample.row}"
     problems = []
@@ -150,7 +224,7 @@ def check_sample(root: Path, sample: Sample, tasks: Sequence[TaskSpec]) -> list[
         if mask is None:
             continue
         try:
-            read_mask(mask, expected_hw=hw)
+            read_mask(mask, expected_hw=hw, lossy_threshold=lossy_mask_threshold)
         except BadSampleError as error:
             problems.append(f"{where}, column {task.column}: {error}")
     return problems
@@ -209,19 +283,50 @@ def jpeg_defect(data: bytes) -> str | None:
 
 def format_report(report: CheckReport) -> str:
     """Renders the per-task label counts and then every problem."""
+    if report.n_images is not None:
+        return _format_folder_report(report)
     if not report.counts:  # the manifest itself could not be read
         problems = "\n".join(f"  {problem}" for problem in report.problems)
         return f"{report.root}: {len(report.problems)} problem(s):\n{problems}"
-    header = ("task", "kind", *SPLITS, TOTAL, "labeled")
-    samples = report.counts.get("samples", _zero_counts())
-    rows = [("samples", "", *(str(samples[s]) for s in (*SPLITS, TOTAL)), "")]
-    for name, kind in report.kinds.items():
-        counts = report.counts.get(name, _zero_counts())
-        share = 100.0 * counts[TOTAL] / samples[TOTAL] if samples[TOTAL] else 0.0
-        rows.append((name, kind, *(str(counts[s]) for s in (*SPLITS, TOTAL)), f"{share:.1f}%"))
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = [
         f"{report.root / MANIFEST_NAME}: {report.n_rows} rows; labeled samples per task and split",
+        *label_table(report.counts, report.kinds),
+    ]
+    if report.ok:
+        lines.append("\nno problems found")
+    else:
+        lines.append(f"\n{len(report.problems)} problem(s):")
+        lines.extend(f"  {problem}" for problem in report.problems)
+    return "\n".join(lines)
+
+
+def _format_folder_report(report: CheckReport) -> str:
+    hidden = f" ({report.n_hidden} hidden file(s) skipped)" if report.n_hidden else ""
+    lines = [f"{report.root}: image folder, {report.n_images} image(s){hidden}"]
+    if report.ok:
+        lines.append("no problems found")
+    else:
+        lines.append(f"{len(report.problems)} problem(s):")
+        lines.extend(f"  {problem}" for problem in report.problems)
+    return "\n".join(lines)
+
+
+def label_table(counts: dict[str, dict[str, int]], kinds: dict[str, str]) -> list[str]:
+    """Lines of a table: samples per split, then labeled samples per task and split.
+
+    Args:
+        counts: As :func:`count_labels` returns.
+        kinds: Task name -> kind, in the order the rows are shown.
+    """
+    header = ("task", "kind", *SPLITS, TOTAL, "labeled")
+    samples = counts.get("samples", _zero_counts())
+    rows = [("samples", "", *(str(samples[s]) for s in (*SPLITS, TOTAL)), "")]
+    for name, kind in kinds.items():
+        task_counts = counts.get(name, _zero_counts())
+        share = 100.0 * task_counts[TOTAL] / samples[TOTAL] if samples[TOTAL] else 0.0
+        rows.append((name, kind, *(str(task_counts[s]) for s in (*SPLITS, TOTAL)), f"{share:.1f}%"))
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
         "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
         "  ".join("-" * w for w in widths),
     ]
@@ -231,9 +336,4 @@ def format_report(report: CheckReport) -> str:
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
-    if report.ok:
-        lines.append("\nno problems found")
-    else:
-        lines.append(f"\n{len(report.problems)} problem(s):")
-        lines.extend(f"  {problem}" for problem in report.problems)
-    return "\n".join(lines)
+    return lines

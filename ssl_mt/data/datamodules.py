@@ -2,7 +2,9 @@
 
 Both build their own :class:`EpochIndexSampler`, so Lightning keeps their loaders (and the
 persistent workers behind them) instead of re-wrapping them every epoch, and every sample's
-augmentation depends only on (seed, epoch, index).
+augmentation depends only on (seed, epoch, index). The multi-task evaluation loaders shard
+without repeats (each val/test sample on exactly one rank), so metrics reduced over the
+ranks count every sample once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ssl_mt.data.datasets import (
     EpochIndexSampler,
@@ -24,7 +27,13 @@ from ssl_mt.data.datasets import (
     collate_samples,
 )
 from ssl_mt.data.label_fraction import describe_counts, has_any_label, keep_label_fraction
-from ssl_mt.data.manifest import MANIFEST_NAME, Sample, list_image_folder, load_manifest
+from ssl_mt.data.manifest import (
+    MANIFEST_NAME,
+    Sample,
+    list_image_folder,
+    load_manifest,
+    refuse_lossy_masks,
+)
 from ssl_mt.data.transforms import (
     ViewSpec,
     build_finetune_transform,
@@ -51,7 +60,8 @@ class _LoaderSettings:
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        # Pinned memory only helps a copy to an accelerator (torch warns when there is none).
+        self.pin_memory = pin_memory and torch.accelerator.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
         self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.seed = seed
@@ -64,15 +74,24 @@ class _LoaderSettings:
         drop_last: bool,
         world_size: int,
         rank: int,
+        unrepeated: bool = False,
     ) -> DataLoader:
-        sampler = EpochIndexSampler(
-            dataset,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=shuffle,
-            seed=self.seed,
-            drop_last=drop_last,
-        )
+        if unrepeated:
+            # Every sample once over the ranks (shards differ by at most one), instead of
+            # DistributedSampler's padding, which repeats samples and counts them twice in
+            # evaluation metrics. Lightning leaves any DistributedSampler in place.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=False
+            )
+        else:
+            sampler = EpochIndexSampler(
+                dataset,
+                num_replicas=world_size,
+                rank=rank,
+                shuffle=shuffle,
+                seed=self.seed,
+                drop_last=drop_last,
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -133,12 +152,14 @@ class _StagedDataModule(L.LightningDataModule):
     stage (so persistent workers live on), resumed at the right batch, and evaluation
     loaders built once.
 
-    Subclasses set ``schedule``, ``settings``, ``seed``, ``on_bad_sample`` and implement
+    Subclasses set ``schedule``, ``settings``, ``seed``, ``on_bad_sample``,
+    ``reduced_decoding`` and implement
     :meth:`train_dataset` and :attr:`num_train_samples`.
     """
 
     schedule: ResolutionSchedule
     settings: _LoaderSettings
+    lossy_mask_threshold: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -179,16 +200,35 @@ class _StagedDataModule(L.LightningDataModule):
         return _resume_position(self, self._train_loader[1])
 
     def eval_loader(
-        self, samples: Sequence[Sample], tasks: Sequence[TaskSpec], size: int
+        self,
+        samples: Sequence[Sample],
+        tasks: Sequence[TaskSpec],
+        size: int,
+        unrepeated: bool = False,
+        split: str = "val",
     ) -> DataLoader:
-        """A sequential (sharded under DDP) loader of labeled samples resized to ``size``."""
+        """A sequential (sharded under DDP) loader of labeled samples resized to ``size``.
+
+        ``unrepeated``: each sample on exactly one rank (metrics reduced over the ranks count
+        it once); otherwise DistributedSampler pads the shards to equal length with repeats
+        (what an ``all_gather`` of equal-sized tensors needs).
+        """
         world, rank = _world(self)
+        if unrepeated and len(samples) < world:
+            # DDP broadcasts buffers at each rank's first evaluation forward: a rank without a
+            # batch would leave the others waiting.
+            raise ValueError(
+                f"{self.root / MANIFEST_NAME}: {len(samples)} samples in split {split!r} over "
+                f"{world} devices: every device needs at least one"
+            )
         dataset = MultiTaskDataset(
             samples,
             tasks,
             build_finetune_transform(self.augment, size, train=False),
             self.seed,
             self.on_bad_sample,
+            self.lossy_mask_threshold,
+            self.reduced_decoding,
         )
         return self.settings.loader(
             dataset,
@@ -197,6 +237,7 @@ class _StagedDataModule(L.LightningDataModule):
             drop_last=False,
             world_size=world,
             rank=rank,
+            unrepeated=unrepeated,
         )
 
 
@@ -211,6 +252,11 @@ class MultiTaskDataModule(_StagedDataModule):
         eval_batch_size: Per-device batch size of evaluation loaders.
         augment: The ``finetune`` augment config.
         size_multiple: Sizes must be multiples of this (the encoder's output stride).
+        allow_lossy_masks: Accept masks stored as JPEG (refused by default: compression
+            noise would become foreground), read as grey levels and thresholded.
+        lossy_mask_threshold: Grey level (0-255) from which such a mask is foreground.
+        reduced_decoding: Decode JPEGs at 1/2, 1/4 or 1/8 scale when the stage's smallest
+            crop still covers its output size (masks follow); False: always in full.
         label_fraction: Share in (0, 1] of each task's labeled train samples to keep (see
             :mod:`ssl_mt.data.label_fraction`); train images left without any label are
             not fine-tuned on.
@@ -234,6 +280,9 @@ class MultiTaskDataModule(_StagedDataModule):
         on_bad_sample: OnBadSample = "raise",
         size_multiple: int = 32,
         seed: int = 0,
+        allow_lossy_masks: bool = False,
+        lossy_mask_threshold: int = 128,
+        reduced_decoding: bool = True,
         label_fraction: float = 1.0,
         label_seed: int = 0,
     ) -> None:
@@ -244,6 +293,11 @@ class MultiTaskDataModule(_StagedDataModule):
         self.label_seed = int(label_seed)
         self.root = Path(root)
         self.tasks: list[TaskSpec] = parse_tasks(tasks)
+        if not 0 < lossy_mask_threshold <= 255:
+            raise ValueError(
+                f"data.lossy_mask_threshold must be in 1..255, got {lossy_mask_threshold}"
+            )
+        self.lossy_mask_threshold = lossy_mask_threshold if allow_lossy_masks else None
         self.schedule = ResolutionSchedule(stages, size_multiple)
         self.eval_sizes = [int(s) for s in eval_sizes]
         bad = [s for s in self.eval_sizes if s % size_multiple or s < size_multiple]
@@ -257,16 +311,20 @@ class MultiTaskDataModule(_StagedDataModule):
         self.val_fraction = val_fraction
         self.on_bad_sample = on_bad_sample
         self.seed = seed
+        self.reduced_decoding = reduced_decoding
         self.settings = _LoaderSettings(
             num_workers, pin_memory, persistent_workers, prefetch_factor, seed
         )
         self.samples: dict[str, list[Sample]] = {}
         self._eval_loaders: dict[str, list[DataLoader]] = {}
+        self._window_counts: tuple[tuple, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.samples:
             return
         samples = load_manifest(self.root, self.tasks, val_fraction=self.val_fraction)
+        if self.lossy_mask_threshold is None:
+            refuse_lossy_masks(self.root, samples, self.tasks)
         for split in ("train", "val", "test"):
             self.samples[split] = [s for s in samples if s.split == split]
         train, counts = keep_label_fraction(
@@ -290,13 +348,47 @@ class MultiTaskDataModule(_StagedDataModule):
             self.augment, stage.size, train=True, strength=stage.aug_strength
         )
         return MultiTaskDataset(
-            self.samples["train"], self.tasks, transform, self.seed, self.on_bad_sample
+            self.samples["train"],
+            self.tasks,
+            transform,
+            self.seed,
+            self.on_bad_sample,
+            self.lossy_mask_threshold,
+            self.reduced_decoding,
         )
+
+    def train_label_counts(self, batch_idx: int, accumulate: int, task_names: Sequence[str]):
+        """Labeled samples per task of this rank's accumulation window holding ``batch_idx``.
+
+        Read from the manifest over the train sampler's order of the current epoch (no image
+        decoded), so the loss of the window's first micro-batch can already be normalised by
+        the count of the whole window. A ``(len(task_names),)`` float tensor; computed once
+        per epoch and window size (``num_samples / world`` booleans, replaced every epoch).
+        """
+        if self._train_loader is None:
+            raise RuntimeError("train_label_counts needs the train loader (train_dataloader())")
+        index, loader = self._train_loader
+        sampler = loader.sampler
+        key = (index, sampler.epoch, accumulate, tuple(task_names))
+        if self._window_counts is None or self._window_counts[0] != key:
+            dataset = loader.dataset
+            columns = [[t.name for t in dataset.tasks].index(name) for name in task_names]
+            # The plain DistributedSampler order: positions as Lightning numbers the batches
+            # (a resumed epoch skips its first batches but keeps their numbers).
+            order = torch.tensor(list(DistributedSampler.__iter__(sampler)), dtype=torch.long)
+            batch, batches = loader.batch_size, len(loader)
+            flags = dataset.presence()[:, columns][order[: batches * batch]]
+            per_batch = flags.reshape(batches, batch, len(columns)).sum(dim=1)
+            windows = [part.sum(dim=0) for part in per_batch.split(accumulate)]
+            self._window_counts = (key, torch.stack(windows).float())
+        windows = self._window_counts[1]
+        return windows[min(batch_idx // accumulate, len(windows) - 1)]
 
     def _eval_loaders_for(self, split: str) -> list[DataLoader]:
         if split not in self._eval_loaders:
             self._eval_loaders[split] = [
-                self.eval_loader(self.samples[split], self.tasks, size) for size in self.eval_sizes
+                self.eval_loader(self.samples[split], self.tasks, size, True, split)
+                for size in self.eval_sizes
             ]
         return self._eval_loaders[split]
 
@@ -331,6 +423,8 @@ class SSLDataModule(_StagedDataModule):
         views: The method's view declaration (see :class:`ssl_mt.data.transforms.ViewSpec`):
             global and local (multi-crop) views; replaces ``n_views``.
         source: ``auto`` (csv when present), ``manifest`` or ``folder``.
+        reduced_decoding: Decode JPEGs at 1/2, 1/4 or 1/8 scale when every view's smallest
+            crop still covers its output size; False: always in full.
     """
 
     def __init__(
@@ -354,6 +448,7 @@ class SSLDataModule(_StagedDataModule):
         on_bad_sample: OnBadSample = "raise",
         size_multiple: int = 1,
         seed: int = 0,
+        reduced_decoding: bool = True,
     ) -> None:
         super().__init__()
         if source not in ("auto", "manifest", "folder"):
@@ -388,6 +483,7 @@ class SSLDataModule(_StagedDataModule):
         self.val_fraction = val_fraction
         self.on_bad_sample = on_bad_sample
         self.seed = seed
+        self.reduced_decoding = reduced_decoding
         self.settings = _LoaderSettings(
             num_workers, pin_memory, persistent_workers, prefetch_factor, seed
         )
@@ -440,7 +536,11 @@ class SSLDataModule(_StagedDataModule):
     def train_dataset(self, stage_index: int) -> MultiViewDataset:
         size = self.schedule.stages[stage_index].size
         return MultiViewDataset(
-            self.images, self.view_transforms(size), self.seed, self.on_bad_sample
+            self.images,
+            self.view_transforms(size),
+            self.seed,
+            self.on_bad_sample,
+            self.reduced_decoding,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from ssl_mt.data.decode_scale import DECODED_AT, CropNeedsFullDecoding, planned_reduction
 from ssl_mt.data.image_io import BadSampleError, read_image, read_mask
 from ssl_mt.data.manifest import Sample
+from ssl_mt.data.reduced_decoding import ReducedImage, read_reduced_jpeg
 from ssl_mt.tasks import TaskSpec
 
 OnBadSample = Literal["raise", "skip"]
@@ -66,26 +68,54 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int]:
 
 
 class _SeededDataset(Dataset):
-    def __init__(self, seed: int, on_bad_sample: OnBadSample) -> None:
+    def __init__(self, seed: int, on_bad_sample: OnBadSample, reduced_decoding: bool) -> None:
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.seed = seed
         self.on_bad_sample = on_bad_sample
+        self.reduced_decoding = reduced_decoding
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _decode(
+        self, path: Path, calls: Sequence[tuple[A.Compose, int]], reduce: bool
+    ) -> tuple[np.ndarray, ReducedImage | None]:
+        """The RGB image, at the smallest JPEG scale at which the crop of every coming call
+        ``(transform, seed offset)`` is still not upsampled (see
+        :func:`~ssl_mt.data.decode_scale.planned_reduction`), else in full."""
+        if reduce:
+
+            def reduction_for(height: int, width: int) -> int:
+                return min(
+                    planned_reduction(self._seeded(t, offset), height, width) for t, offset in calls
+                )
+
+            reduced = read_reduced_jpeg(path, reduction_for)
+            if reduced is not None:
+                return reduced.image, reduced
+        return read_image(path), None
+
+    def _load(self, index: int, reduce: bool) -> dict[str, Any]:
         raise NotImplementedError
 
     def _describe(self, index: int) -> str:
         raise NotImplementedError
 
+    def _context(self, index: int, error: BadSampleError) -> str:
+        """What a raised error adds to its message: what the error does not name already."""
+        return self._describe(index)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = _split_key(key)
         self._epoch_seed = sample_seed(self.seed, epoch, index)
         try:
-            item = self._load(index)
+            try:
+                item = self._load(index, self.reduced_decoding)
+            except CropNeedsFullDecoding:  # a plan that did not hold: exact, only slower
+                item = self._load(index, reduce=False)
         except BadSampleError as error:
             if self.on_bad_sample == "raise":
-                raise BadSampleError(f"{error} ({self._describe(index)})", error.path) from None
+                context = self._context(index, error)
+                message = f"{error} ({context})" if context else str(error)
+                raise BadSampleError(message, error.path) from None
             return {BAD_SAMPLE_KEY: f"{self._describe(index)}: {error}"}
         item["index"] = index
         return item
@@ -101,7 +131,11 @@ class MultiTaskDataset(_SeededDataset):
     Items are ``{"image": (3,H,W) float, "target": {task: tensor}, "present": {task: bool},
     "index": int}``. Segmentation targets are (1,H,W) float masks in {0,1}; classification
     targets are class indices (-1 when unlabeled). An unlabeled task gets a dummy target
-    and ``present=False``, so losses and metrics skip it.
+    and ``present=False``, so losses and metrics skip it. Masks stored lossily (JPEG) are
+    refused unless ``lossy_mask_threshold`` is set (see :func:`read_mask`).
+
+    With ``reduced_decoding`` a JPEG is decoded at the smallest scale the transform's crop
+    allows and its masks are sampled onto that image's pixel grid.
     """
 
     def __init__(
@@ -111,8 +145,11 @@ class MultiTaskDataset(_SeededDataset):
         transform: A.Compose,
         seed: int = 0,
         on_bad_sample: OnBadSample = "raise",
+        lossy_mask_threshold: int | None = None,
+        reduced_decoding: bool = True,
     ) -> None:
-        super().__init__(seed, on_bad_sample)
+        super().__init__(seed, on_bad_sample, reduced_decoding)
+        self.lossy_mask_threshold = lossy_mask_threshold
         self.samples = list(samples)
         self.tasks = list(tasks)
         self.seg_tasks = [t for t in self.tasks if t.is_segmentation]
@@ -121,22 +158,40 @@ class MultiTaskDataset(_SeededDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def presence(self) -> torch.Tensor:
+        """(N, T) bool: sample i is labeled for task j (from the manifest, no image read)."""
+        return torch.tensor(
+            [[s.labels.get(t.name) is not None for t in self.tasks] for s in self.samples],
+            dtype=torch.bool,
+        ).reshape(len(self.samples), len(self.tasks))
+
     def _describe(self, index: int) -> str:
         sample = self.samples[index]
         return f"labels.csv row {sample.row}, image {sample.image}"
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _context(self, index: int, error: BadSampleError) -> str:
         sample = self.samples[index]
-        image = read_image(sample.image)
-        hw = image.shape[:2]
+        if error.path == sample.image:
+            return f"labels.csv row {sample.row}"
+        return self._describe(index)
+
+    def _load(self, index: int, reduce: bool) -> dict[str, Any]:
+        sample = self.samples[index]
+        image, reduced = self._decode(sample.image, [(self.transform, 0)], reduce)
         masks = []
         for task in self.seg_tasks:
             path = sample.labels.get(task.name)
-            masks.append(read_mask(path, hw) if path is not None else np.zeros(hw, np.uint8))
+            if path is None:
+                masks.append(np.zeros(image.shape[:2], np.uint8))
+            elif reduced is None:
+                masks.append(read_mask(path, image.shape[:2], self.lossy_mask_threshold))
+            else:  # checked at full size, then onto the reduced image's grid
+                mask = read_mask(path, reduced.full_hw, self.lossy_mask_threshold)
+                masks.append(reduced.reduce_mask(mask))
+        data = {"image": image, **_decoded_at(reduced)}
         if masks:
-            out = self._seeded(self.transform)(image=image, masks=masks)
-        else:
-            out = self._seeded(self.transform)(image=image)
+            data["masks"] = masks
+        out = self._seeded(self.transform)(**data)
         target: dict[str, torch.Tensor] = {}
         present: dict[str, torch.Tensor] = {}
         for k, task in enumerate(self.seg_tasks):
@@ -152,7 +207,8 @@ class MultiTaskDataset(_SeededDataset):
 class MultiViewDataset(_SeededDataset):
     """Several augmented views of one image, decoded once per item.
 
-    Items are ``{"views": [tensor, ...], "index": int}``, one view per transform.
+    Items are ``{"views": [tensor, ...], "index": int}``, one view per transform. With
+    ``reduced_decoding`` a JPEG is decoded at the smallest scale that every view's crop allows.
     """
 
     def __init__(
@@ -161,8 +217,9 @@ class MultiViewDataset(_SeededDataset):
         view_transforms: Sequence[A.Compose],
         seed: int = 0,
         on_bad_sample: OnBadSample = "raise",
+        reduced_decoding: bool = True,
     ) -> None:
-        super().__init__(seed, on_bad_sample)
+        super().__init__(seed, on_bad_sample, reduced_decoding)
         if len(view_transforms) < 1:
             raise ValueError("MultiViewDataset needs at least one view transform")
         self.images = list(images)
@@ -174,13 +231,23 @@ class MultiViewDataset(_SeededDataset):
     def _describe(self, index: int) -> str:
         return f"image {self.images[index]}"
 
-    def _load(self, index: int) -> dict[str, Any]:
-        image = read_image(self.images[index])
+    def _context(self, index: int, error: BadSampleError) -> str:
+        return "" if error.path == Path(self.images[index]) else self._describe(index)
+
+    def _load(self, index: int, reduce: bool) -> dict[str, Any]:
+        calls = [(t, v) for v, t in enumerate(self.view_transforms)]
+        image, reduced = self._decode(self.images[index], calls, reduce)
+        at = _decoded_at(reduced)
         views = [
-            self._seeded(transform, offset=v)(image=image)["image"]
+            self._seeded(transform, offset=v)(image=image, **at)["image"]
             for v, transform in enumerate(self.view_transforms)
         ]
         return {"views": views}
+
+
+def _decoded_at(reduced: ReducedImage | None) -> dict[str, Any]:
+    """Pipeline data that lets the crop be drawn as on the full image."""
+    return {} if reduced is None else {DECODED_AT: reduced.geometry}
 
 
 def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:

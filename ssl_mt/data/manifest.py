@@ -10,6 +10,7 @@ a hash of the file name, so it never changes between runs or machines.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,12 @@ import pandas as pd
 
 from ssl_mt.tasks import TaskSpec
 
+log = logging.getLogger(__name__)
+
 MANIFEST_NAME = "labels.csv"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 class ManifestError(ValueError):
@@ -178,12 +182,59 @@ def load_manifest(
     return samples
 
 
+def refuse_lossy_masks(root: Path, samples: Sequence[Sample], tasks: Sequence[TaskSpec]) -> None:
+    """Fails, naming every row, when masks are JPEG files (by name: no file is opened).
+
+    A mask stored as JPEG under another name is refused when it is read
+    (:func:`ssl_mt.data.image_io.read_mask`); ``data check`` reads every file.
+
+    Raises:
+        ManifestError: listing the rows and columns of the JPEG masks.
+    """
+    problems = [
+        f"row {sample.row}, column {task.column}: {path}"
+        for sample in samples
+        for task in tasks
+        if task.is_segmentation
+        and (path := sample.labels.get(task.name)) is not None
+        and Path(path).suffix.lower() in LOSSY_MASK_EXTENSIONS
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise ManifestError(
+            f"{Path(root) / MANIFEST_NAME}: {len(problems)} mask(s) stored as JPEG, a lossy "
+            f"format whose compression noise would become foreground:\n  {shown}{more}\n"
+            "Save masks as PNG, or set data.allow_lossy_masks=true to read them thresholded "
+            "at data.lossy_mask_threshold."
+        )
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    """Whether a file below ``root`` is hidden: a name, or a folder on its way, starting
+    with a dot. Covers macOS ``._*`` resource-fork companions and ``.DS_Store``."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def list_image_folder(root: str | Path) -> list[Path]:
-    """Every image below ``root`` (recursive, sorted), for SSL pretraining without a csv."""
+    """Every image below ``root`` (recursive, sorted), for SSL pretraining without a csv.
+
+    Hidden files and folders (names starting with a dot, e.g. macOS ``._photo.jpg``
+    companions, which only look like images) are skipped, and their number logged.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    candidates = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    files = sorted(p for p in candidates if not is_hidden(p, root) and p.is_file())
+    skipped = len(candidates) - len(files)
+    if skipped:
+        log.info(
+            "%s: skipped %d hidden file(s) or folder(s) named like images (names starting "
+            "with '.', e.g. macOS '._*' companions)",
+            root,
+            skipped,
+        )
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {root}")
     return files

@@ -22,7 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ssl_mt.data.check import jpeg_defect
-from ssl_mt.data.image_io import BadSampleError, read_image
+from ssl_mt.data.image_io import BadSampleError, mask_values, read_image
 from ssl_mt.data.manifest import (
     IMAGE_EXTENSIONS,
     MANIFEST_NAME,
@@ -192,7 +192,8 @@ def _resize_mask(
 ) -> str | None:
     source, target = root / mask, out / mask
     target.parent.mkdir(parents=True, exist_ok=True)
-    array = cv2.imread(str(source), cv2.IMREAD_UNCHANGED) if source.is_file() else None
+    # A palette PNG becomes a grey one holding its indices: the same mask.
+    array = mask_values(source) if source.is_file() else None
     if array is None or array.ndim != 2 or array.shape != image_hw:
         if source.is_file():
             shutil.copyfile(source, target)

@@ -16,6 +16,8 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 from hydra.utils import instantiate
 
+from ssl_mt.data.decode_scale import RandomResizedCrop
+
 # Nearest neighbour that samples pixel centres like the bilinear image resize does.
 _MASK_RESIZE = cv2.INTER_NEAREST_EXACT
 
@@ -46,7 +48,7 @@ def build_ssl_view_transform(cfg: Mapping[str, Any], size: int) -> A.Compose:
     jitter = cfg["color_jitter"]
     blur = cfg["gaussian_blur"]
     ops: list[A.BasicTransform] = [
-        A.RandomResizedCrop(
+        RandomResizedCrop(
             size=(size, size), scale=tuple(cfg["crop_scale"]), ratio=tuple(cfg["crop_ratio"])
         ),
         A.HorizontalFlip(p=cfg["hflip"]),
@@ -188,7 +190,7 @@ def build_finetune_transform(
     zoom_low, zoom_high = cfg["scale"]
     translate = cfg["translate"] * strength
     ops: list[A.BasicTransform] = [
-        A.RandomResizedCrop(
+        RandomResizedCrop(
             size=(size, size),
             scale=(crop_low, high),
             ratio=tuple(cfg["crop_ratio"]),

@@ -81,11 +81,19 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
-        """``c ← m · c + (1 − m) · mean of the teacher outputs of every rank``."""
+        """``c ← m · c + (1 − m) · mean of the teacher outputs of every rank``.
+
+        Every rank calls it every step it runs the method (a step skipped for bad samples is
+        skipped by all ranks before the forward). A non-finite batch mean (a step the
+        non-finite guard will skip) leaves the centre as it was, on every rank alike: the
+        reduced statistics are the same everywhere.
+        """
         # Sum and count in one tensor: one all_reduce per step.
         count = torch.full((1,), float(teacher.shape[0]), device=teacher.device)
         stats = torch.cat([teacher.float().sum(dim=0), count])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        # torch.where, not a Python branch: no host-device synchronisation.
+        self.center.copy_(torch.where(torch.isfinite(batch_center).all(), updated, self.center))

@@ -1,8 +1,21 @@
 """Per-task losses that average over the samples labeled for the task only.
 
-A batch without a label for a task gives exactly 0.0 for that task (never NaN), still
-attached to the graph so DDP sees a gradient for every parameter. No boolean indexing, so
-no host-device synchronisation in the training step.
+Every loss is a mean of per-sample losses (``per_sample(logits, target) -> (N,)``), so a
+batch's loss can be reduced exactly over DDP ranks and accumulated micro-batches: training
+sums the labeled samples' losses and divides by the global labeled count
+(:mod:`ssl_mt.losses.global_mean`); evaluation averages them over the labeled samples of
+the whole split.
+
+Dice is the per-sample soft Dice with additive smoothing 1 (``1 - (2Σpt + 1)/(Σp + Σt + 1)``
+over each image's pixels), not a Dice over the batch's pixels: a batch-level Dice is a ratio
+of sums that does not split into per-sample terms, so it would depend on how the global
+batch is cut into ranks and micro-batches; per sample it does not. The smoothing keeps an
+empty mask's loss defined (and pushes its prediction towards empty). The reported Dice
+metric is a different quantity: the pixel-level F1 over every labeled pixel of the split.
+
+``forward`` (a masked mean over one batch) is the single-process form: a batch without a
+label for a task gives exactly 0.0 for that task (never NaN), still attached to the graph.
+No boolean indexing, so no host-device synchronisation in the training step.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
@@ -65,12 +64,6 @@ def _check_task_values(
             f"{what} names unknown task(s) {unknown}; the tasks are {list(task_names)}."
         )
     return [float(values.get(name, default)) for name in task_names]
-
-
-def _ddp_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 class LossWeighting(nn.Module):
@@ -347,10 +340,11 @@ class FAMO(LossWeighting):
       tasks only, and the Adam moments, step count (kept per task) and weight decay are applied
       to the valid entries only. With every task present this is exactly the paper's update.
     * Absent tasks contribute zero to ``total`` and are left out of ``c``.
-    * Under DDP the detached losses and presence used for the logit update are all-reduced (per
-      task, the mean over the ranks that have labels), so every rank keeps identical logits.
-      Every rank must therefore call :meth:`forward` in training mode equally often. ``c`` and
-      the backpropagated loss use the rank's own losses.
+    * Under DDP the losses given are already the global ones (the value of each task loss is
+      its mean over the labeled samples of the global batch, the same on every rank;
+      :mod:`ssl_mt.losses.global_mean`), and so are the presence flags. Every rank therefore
+      computes the same ``c`` and the same logit update without a collective of its own, and
+      the gradient of ``total`` is that of one process on the concatenated batch.
 
     ``total`` is a sum of log-losses (it can be negative); log the task losses to follow
     training. ``base_weights`` multiply the effective weights; they do not enter the logit update.
@@ -420,12 +414,6 @@ class FAMO(LossWeighting):
         losses = losses.detach().to(self.prev_losses.dtype)
         present = present & torch.isfinite(losses)
         losses = torch.where(present, losses, torch.zeros_like(losses))
-        if _ddp_world_size() > 1:
-            packed = torch.cat([losses, present.to(losses.dtype)])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            total, count = packed.split(self.num_tasks)
-            present = count > 0
-            losses = total / count.clamp(min=1.0)
         valid = present & self.prev_present
         delta = torch.log(self._shifted(self.prev_losses)) - torch.log(self._shifted(losses))
         delta = torch.where(valid, delta, torch.zeros_like(delta))

@@ -1,8 +1,10 @@
 """Backbone factory: timm models by name, from random, hub or local weights.
 
-Exported backbones are plain timm state dicts (``backbone.safetensors``) plus a
-``backbone.json`` describing them, so timm and segmentation_models_pytorch load them
-without ssl_mt.
+Exported backbones are folders in timm's hub layout: ``config.json`` (timm's pretrained_cfg
+format) and ``model.safetensors`` (a plain timm state dict without classifier), so
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads them as they are, the same
+folder uploaded to the Hugging Face Hub loads with ``hf-hub:``, and segmentation_models_pytorch
+``tu-`` encoders take ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+# timm's hub layout (what `timm.create_model("local-dir:DIR")` and `hf-hub:` read).
+HUB_CONFIG = "config.json"
+HUB_WEIGHTS = "model.safetensors"
 
 
 class BackboneError(ValueError):
@@ -36,11 +43,27 @@ def check_model_name(name: str) -> None:
     )
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads a state dict from ``.safetensors``, or a torch file (``state_dict`` inside ok)."""
+def weights_file(path: str | Path) -> Path:
+    """The weights file of ``path``: the file itself, or ``model.safetensors`` of an export
+    folder (timm's hub layout)."""
     path = Path(path)
+    if path.is_dir():
+        inner = path / HUB_WEIGHTS
+        if not inner.is_file():
+            raise FileNotFoundError(
+                f"backbone weights folder {path} has no {HUB_WEIGHTS} (expected an export "
+                "folder of `python -m ssl_mt.pretrain` or `python -m ssl_mt.export`)"
+            )
+        return inner
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
+    return path
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a state dict from ``.safetensors``, a torch file (``state_dict`` inside ok), or
+    an export folder (its ``model.safetensors``)."""
+    path = weights_file(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -126,46 +149,137 @@ def create_backbone(
     return model
 
 
+def hub_state_dict(name: str, **timm_kwargs) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights of ``name`` (downloads them or reads timm's cache)."""
+    model = timm.create_model(name, pretrained=True, num_classes=0, **timm_kwargs)
+    return model.state_dict()
+
+
+# ``backbone`` config keys that are not timm arguments.
+_NOT_TIMM = ("name", "pretrained", "weights", "grad_checkpointing", "decoder_channels")
+
+
+def architecture_args(backbone: Mapping[str, object]) -> dict[str, object]:
+    """The timm arguments of a ``backbone`` config that shape the weights (for ``model_args``
+    of an export); training-only ones (stochastic depth, dropout) are left out."""
+    training_only = ("drop_path_rate", "drop_rate")
+    return {k: v for k, v in backbone.items() if k not in _NOT_TIMM and k not in training_only}
+
+
+def initial_state(backbone: Mapping[str, object]) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The weights a new run starts its backbone from, per the ``backbone`` config.
+
+    The apps call this when they build a new run; a module restored from a checkpoint never
+    does (its tensors come from the checkpoint, its hyper-parameters only record where the
+    init came from), so checkpoints load offline and wherever the weights file went.
+
+    Returns:
+        ``(plain timm state dict, where it came from)``, or ``None`` for a random init.
+    """
+    pretrained, weights = bool(backbone.get("pretrained")), backbone.get("weights")
+    if pretrained and weights:
+        raise BackboneError("choose backbone.pretrained=true OR backbone.weights=PATH, not both")
+    if weights:
+        return load_weights_file(weights), str(weights_file(weights))
+    if pretrained:
+        name = str(backbone["name"])
+        timm_kwargs = {k: v for k, v in backbone.items() if k not in _NOT_TIMM}
+        return hub_state_dict(name, **timm_kwargs), f"timm's pretrained {name}"
+    return None
+
+
+# pretrained_cfg fields that describe the weights' input, kept in an export's config.json.
+_INPUT_FIELDS = (
+    "input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "first_conv",
+    "classifier",
+    "fixed_input_size",
+)
+
+
+def hub_config(
+    model: nn.Module,
+    name: str,
+    image_size: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    model_args: Mapping[str, object] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """``config.json`` of an export: timm's hub format, plus an ``ssl_mt`` provenance block.
+
+    ``input_size``, ``mean`` and ``std`` are those of training (the images the weights saw),
+    not of the architecture's ImageNet weights; ``num_classes`` is 0 (pooled features).
+    """
+    source_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    pretrained_cfg = {k: source_cfg[k] for k in _INPUT_FIELDS if source_cfg.get(k) is not None}
+    if image_size:
+        channels = (pretrained_cfg.get("input_size") or (3,))[0]
+        pretrained_cfg["input_size"] = [int(channels), int(image_size), int(image_size)]
+        pretrained_cfg["crop_pct"] = 1.0  # trained on whole resized images
+    if mean is not None:
+        pretrained_cfg["mean"] = [float(m) for m in mean]
+    if std is not None:
+        pretrained_cfg["std"] = [float(s) for s in std]
+    pretrained_cfg["num_classes"] = 0
+    config: dict[str, object] = {
+        "architecture": name,
+        "num_classes": 0,
+        "num_features": int(getattr(model, "num_features", 0) or 0),
+        "pretrained_cfg": pretrained_cfg,
+    }
+    if model_args:
+        config["model_args"] = dict(model_args)
+    config["ssl_mt"] = {
+        "format": "timm hub layout: config.json + model.safetensors (no classifier)",
+        "load_with_timm": 'timm.create_model("local-dir:THIS_FOLDER", pretrained=True)',
+        "load_with_ssl_mt": "python -m ssl_mt.finetune backbone.weights=THIS_FOLDER",
+        **(extra or {}),
+    }
+    return config
+
+
 def export_backbone(
     model: nn.Module,
     name: str,
     out: str | Path,
     image_size: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    model_args: Mapping[str, object] | None = None,
     extra: Mapping[str, object] | None = None,
 ) -> Path:
-    """Writes ``model``'s state dict as safetensors plus a ``.json`` describing it.
+    """Writes ``model`` (a timm model) as a folder in timm's hub layout; returns the folder.
 
-    Only the process that calls this writes; under DDP call it from rank 0. The write goes to
-    a temporary file first, so a crash never leaves a half-written export.
+    ``out/model.safetensors`` holds every tensor but the classifier's; ``out/config.json``
+    says what it is (see :func:`hub_config`). Only the process that calls this writes; under
+    DDP call it from rank 0. The folder is written next to ``out`` first and then renamed,
+    so a crash never leaves a half-written export.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        raise BackboneError(
+            f"{out}: an export is a folder (config.json + model.safetensors); give a folder path"
+        )
     state = {
         k: v.detach().to("cpu").contiguous()
         for k, v in model.state_dict().items()
         if not is_classifier_key(k, model)
     }
+    config = hub_config(model, name, image_size, mean, std, model_args, extra)
+    config["ssl_mt"]["num_tensors"] = len(state)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"model_name": name})
-    tmp.replace(out)
-    meta = {
-        "model_name": name,
-        "image_size": image_size,
-        "num_tensors": len(state),
-        "format": "timm state dict without classifier",
-        "load_with_timm": (
-            f"timm.create_model({name!r}, pretrained=True, num_classes=0, "
-            f"pretrained_cfg_overlay=dict(file={str(out.name)!r}))"
-        ),
-        "load_with_smp": f"segmentation_models_pytorch encoder 'tu-{name}': "
-        "encoder.model.load_state_dict(state, strict=False) and check missing_keys; timm "
-        "features_only models of some families rename stages ('stages.0' -> 'stages_0'): "
-        "rename keys first (ssl_mt.models.multitask_net.timm_key gives the mapping)",
-        "load_with_ssl_mt": f"python -m ssl_mt.finetune backbone.name={name} backbone.weights={out}",
-        **(extra or {}),
-    }
-    json_path = out.with_suffix(".json")
-    json_tmp = json_path.with_name(json_path.name + ".tmp")
-    json_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    json_tmp.replace(json_path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(state, str(tmp / HUB_WEIGHTS), metadata={"format": "pt", "model_name": name})
+    (tmp / HUB_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out

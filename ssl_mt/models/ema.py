@@ -116,6 +116,11 @@ class MomentumSSLModule(SSLModule):
         """``(online, target)`` pairs of the same structure."""
         raise NotImplementedError
 
+    def init_backbone(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        super().init_backbone(state, source)
+        for online, target in self.momentum_pairs():  # targets start as copies of the online
+            target.load_state_dict(online.state_dict())
+
     def configure_model(self) -> None:
         super().configure_model()
         if self.channels_last:

@@ -5,29 +5,56 @@ Logged keys (``RES`` = evaluation size, ``T`` = task):
   the backpropagated one), ``weights/T`` (effective weights), per epoch;
 - ``val/RES/T/loss`` and ``val/RES/T/<metric>``, ``val/RES/global/loss`` (the unweighted
   sum of task losses, comparable across weightings), per epoch and resolution.
+
+Under DDP every reduction is global: a task's training loss is the mean over its labeled
+samples of the whole global batch (:mod:`ssl_mt.losses.global_mean`), evaluation metrics
+are reduced over the ranks, and every rank makes the same collective calls in the same
+order whatever its shard held (a rank whose batch was all bad trains on an empty batch; a
+task labeled on no rank is left out of the global loss, named once in the log).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ssl_mt.losses.task_losses import build_task_loss
-from ssl_mt.losses.weighting import build_weighting
+from ssl_mt.losses.global_mean import global_task_losses, labeled_sums
+from ssl_mt.losses.task_losses import build_task_loss, masked_mean
+from ssl_mt.losses.weighting import FAMO, build_weighting
 from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.models.multitask_net import MultiTaskNet
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
+from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step
 from ssl_mt.models.ssl_base import to_channels_last
-from ssl_mt.models.task_metrics import step_mean, task_metrics, update_task_metrics
+from ssl_mt.models.task_metrics import (
+    labeled_counts,
+    log_task_metrics,
+    step_mean,
+    task_metrics,
+    update_task_metrics,
+)
 from ssl_mt.optim import build_optimizer, decay_groups
 from ssl_mt.tasks import parse_tasks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingLoss:
+    """One training step's loss: the weighted total (backpropagated), the effective weights,
+    and this rank's labeled per-task loss sums and counts (for the epoch means)."""
+
+    total: Tensor
+    weights: dict[str, Tensor]
+    sums: dict[str, Tensor]
+    counts: dict[str, Tensor]
+    batch_size: int
 
 
 class MultiTaskModule(L.LightningModule):
@@ -35,8 +62,9 @@ class MultiTaskModule(L.LightningModule):
 
     Args:
         tasks: The ``tasks`` config.
-        backbone: The ``backbone`` config (``name``, ``pretrained``, ``weights``,
-            ``grad_checkpointing``, ``drop_path_rate``).
+        backbone: The ``backbone`` config (``name``, ``grad_checkpointing``,
+            ``drop_path_rate``; ``pretrained`` and ``weights`` are recorded, not loaded: see
+            :meth:`init_encoder`).
         optim: The ``optim`` config (also ``backbone_lr_scale``, ``freeze_backbone_epochs``).
         weighting: The ``weighting`` config (``name`` plus the strategy's arguments).
         arch: segmentation_models_pytorch architecture of the decoder.
@@ -46,6 +74,8 @@ class MultiTaskModule(L.LightningModule):
         channels_last: NHWC memory format.
         compile: ``torch.compile(dynamic=False)``: one static graph per input shape.
         nonfinite: NaN/Inf loss handling (``policy``: raise | skip, ``check_every_n_steps``).
+        preprocess: The input of training (``mean``, ``std``, last stage ``size``), recorded
+            so that inference and exports reproduce it from the checkpoint alone.
     """
 
     def __init__(
@@ -61,6 +91,7 @@ class MultiTaskModule(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         nonfinite: Mapping[str, Any] | None = None,
+        preprocess: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -83,7 +114,9 @@ class MultiTaskModule(L.LightningModule):
             self.tasks,
             arch=arch,
             decoder_channels=decoder_channels,
-            pretrained=bool(backbone.get("pretrained", False)),
+            # Initial weights (backbone.pretrained / backbone.weights) are the app's business
+            # when it builds a new run (init_encoder): a checkpoint restores its own tensors.
+            pretrained=False,
             head_dropout=head_dropout,
             drop_path_rate=float(backbone.get("drop_path_rate") or 0.0),
             # Any other backbone key is a timm argument, as in pretraining.
@@ -92,8 +125,6 @@ class MultiTaskModule(L.LightningModule):
         self.encoder_tensors_loaded = 0
         if backbone.get("pretrained") and backbone.get("weights"):
             raise ValueError("choose backbone.pretrained=true OR backbone.weights=PATH, not both")
-        if backbone.get("weights"):
-            self.encoder_tensors_loaded, _ = self.net.load_encoder_weights(backbone["weights"])
         if backbone.get("grad_checkpointing"):
             self.net.set_grad_checkpointing(True)
         self.losses = nn.ModuleDict({t.name: build_task_loss(t) for t in self.tasks})
@@ -105,6 +136,7 @@ class MultiTaskModule(L.LightningModule):
             **weighting,
         )
         self.nonfinite = NonFiniteGuard(**dict(nonfinite or {}))
+        self._unlabeled_named: set[str] = set()  # splits whose unlabeled tasks were named
         self.train_task_loss = nn.ModuleDict({t.name: step_mean() for t in self.tasks})
         self.train_weight = nn.ModuleDict({t.name: step_mean() for t in self.tasks})
         self.train_total = step_mean()
@@ -114,6 +146,10 @@ class MultiTaskModule(L.LightningModule):
                 for size in self.eval_sizes
             }
         )
+
+    def init_encoder(self, state: Mapping[str, Tensor], source: str) -> None:
+        """Starts the encoder from a plain timm state dict (the app, for a new run only)."""
+        self.encoder_tensors_loaded, _ = self.net.load_encoder_state(state, source)
 
     # -- model ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -130,14 +166,22 @@ class MultiTaskModule(L.LightningModule):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.net(to_channels_last(images, self.channels_last))
 
+    def per_sample_losses(
+        self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        """Per task, the loss of every sample of the batch, labeled or not: (N,)."""
+        return {
+            t.name: self.losses[t.name].per_sample(outputs[t.name], batch["target"][t.name])
+            for t in self.tasks
+        }
+
     def task_losses(
         self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]
     ) -> dict[str, Tensor]:
+        """Per task, the mean loss over the batch's labeled samples (one process)."""
+        per_sample = self.per_sample_losses(outputs, batch)
         return {
-            t.name: self.losses[t.name](
-                outputs[t.name], batch["target"][t.name], batch["present"][t.name]
-            )
-            for t in self.tasks
+            t.name: masked_mean(per_sample[t.name], batch["present"][t.name]) for t in self.tasks
         }
 
     # -- training ---------------------------------------------------------------------------
@@ -151,26 +195,80 @@ class MultiTaskModule(L.LightningModule):
         # would stay there (frozen BatchNorm statistics) for the rest of the run.
         self.net.encoder.train(self.current_epoch >= self.freeze_epochs)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
-        if "image" not in batch:  # every sample of the batch was skipped as bad
-            return None
-        outputs = self(batch["image"])
-        losses = self.task_losses(outputs, batch)
-        if guard_step(self, losses):
-            return None
-        present = {name: flags.any() for name, flags in batch["present"].items()}
-        total, weights = self.weighting(losses, present)
-        batch_size = batch["image"].shape[0]
-        for t in self.tasks:
-            self.train_task_loss[t.name].update(
-                losses[t.name].detach(), weight=batch["present"][t.name].sum()
+    def _empty_images(self) -> Tensor:
+        """A batch of no image at the current training size (for a batch that was all bad)."""
+        size = self.trainer.datamodule.schedule.stage_at(self.current_epoch).size
+        return torch.zeros(0, 3, size, size, device=self.device)
+
+    def _normaliser_counts(
+        self, counts: Mapping[str, Tensor], batch_idx: int, accumulate: int
+    ) -> Mapping[str, Tensor] | Tensor:
+        """This rank's share of each task's normaliser: its labeled samples of the batch, or
+        (gradient accumulation) of the whole window, counted from the manifest."""
+        if accumulate == 1:
+            return counts
+        if isinstance(self.weighting, FAMO):
+            raise ValueError(
+                "weighting=famo needs trainer.accumulate_grad_batches=1: FAMO's weights depend "
+                "on the loss of the whole batch, which a micro-batch does not know"
             )
-            self.train_weight[t.name].update(weights[t.name])
-        self.train_total.update(total.detach())
-        self.log(
-            "train/loss_step", total.detach(), prog_bar=True, logger=False, batch_size=batch_size
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "train_label_counts"):
+            raise TypeError(
+                "trainer.accumulate_grad_batches > 1 needs the MultiTaskDataModule (it counts "
+                "each window's labels from the manifest)"
+            )
+        names = [t.name for t in self.tasks]
+        return datamodule.train_label_counts(batch_idx, accumulate, names).to(self.device)
+
+    def training_loss(self, batch: Mapping[str, Any], batch_idx: int) -> TrainingLoss | None:
+        """The step's weighted loss from task losses reduced over every rank; None to skip.
+
+        The same collectives on every rank whatever its batch held: one ``all_reduce`` of the
+        per-task sums and counts (and, with ``nonfinite.policy=skip``, none more: the reduced
+        losses are the same everywhere, so is the decision to skip).
+        """
+        if "image" in batch:
+            outputs = self(batch["image"])
+            sums, counts = labeled_sums(self.per_sample_losses(outputs, batch), batch["present"])
+        else:
+            # Every sample was skipped as bad. The rank still runs the network (on no image:
+            # SyncBatchNorm's collectives take an empty input) and every reduction below, so
+            # the other ranks' steps go on; it contributes no sample.
+            outputs = self(self._empty_images())
+            sums = {t.name: outputs[t.name].float().sum() for t in self.tasks}
+            counts = {t.name: torch.zeros((), device=self.device) for t in self.tasks}
+        accumulate = max(1, int(self.trainer.accumulate_grad_batches)) if self._trainer else 1
+        reduced = global_task_losses(
+            sums, self._normaliser_counts(counts, batch_idx, accumulate), accumulate
         )
-        return total
+        if guard_step(self, reduced.losses, synced=True):
+            return None
+        total, weights = self.weighting(reduced.losses, reduced.present)
+        return TrainingLoss(total, weights, sums, counts, outputs[self.tasks[0].name].shape[0])
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        step = self.training_loss(batch, batch_idx)
+        if step is None:
+            return skip_step(self)
+        for t in self.tasks:
+            count = step.counts[t.name].float()
+            self.train_task_loss[t.name].update(
+                step.sums[t.name].detach() / count.clamp(min=1.0), weight=count
+            )
+            self.train_weight[t.name].update(step.weights[t.name])
+        self.train_total.update(step.total.detach())
+        self.log(
+            "train/loss_step",
+            step.total.detach(),
+            prog_bar=True,
+            logger=False,
+            batch_size=step.batch_size,
+        )
+        return step.total
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure=None):
+        optimizer_step_unless_skipped(self, optimizer, optimizer_closure)
 
     def on_train_epoch_end(self) -> None:
         means = {}
@@ -180,17 +278,21 @@ class MultiTaskModule(L.LightningModule):
             self.log(f"weights/{t.name}", self.train_weight[t.name].compute())
             self.train_task_loss[t.name].reset()
             self.train_weight[t.name].reset()
-        self.log("train/global/loss", torch.stack(list(means.values())).sum())
+        # A task without a training label this epoch (NaN mean) is left out of the sum.
+        labeled = [v for v in means.values() if torch.isfinite(v)]
+        if labeled:
+            self.log("train/global/loss", torch.stack(labeled).sum())
         self.log("train/total_loss", self.train_total.compute())
         self.train_total.reset()
         self.weighting.epoch_end({name: float(value) for name, value in means.items()})
 
     # -- validation / test ------------------------------------------------------------------
     def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+        # No collective here: a rank may skip a batch (all bad) or have one batch fewer.
         if "image" not in batch:
             return
         outputs = self(batch["image"])
-        losses = self.task_losses(outputs, batch)
+        losses = self.per_sample_losses(outputs, batch)
         metrics = self.val_metrics[str(self.eval_sizes[dataloader_idx])]
         for t in self.tasks:
             update_task_metrics(
@@ -210,24 +312,54 @@ class MultiTaskModule(L.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
 
+    def predict_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
+        """Per-task logits (float32) of ``batch["image"]`` (see :mod:`ssl_mt.predict`)."""
+        return {name: out.float() for name, out in self(batch["image"]).items()}
+
     def _log_eval(self, prefix: str) -> None:
-        for size, per_task in self.val_metrics.items():
-            task_losses = []
-            for t in self.tasks:
-                for name, metric in per_task[t.name].items():
-                    if metric.update_count == 0:
-                        continue  # no labeled sample at all: nothing to report
-                    value = metric.compute()
-                    self.log(f"{prefix}/{size}/{t.name}/{name}", value, add_dataloader_idx=False)
-                    if name == "loss":
-                        task_losses.append(value)
-                    metric.reset()
-            if task_losses:
-                self.log(
-                    f"{prefix}/{size}/global/loss",
-                    torch.stack(task_losses).sum(),
-                    add_dataloader_idx=False,
+        """Logs every size's metrics; the same collectives on every rank, in the same order.
+
+        One ``all_reduce`` of the labeled counts decides, identically on every rank, which
+        tasks have a labeled sample anywhere; each of their metrics is then computed (a
+        synchronising collective) by every rank, also by one that saw none of its samples.
+        A task labeled nowhere is not logged and is left out of ``global/loss``.
+        """
+        sizes = list(self.val_metrics)
+        counts = labeled_counts([self.val_metrics[size] for size in sizes])
+        for i, size in enumerate(sizes):
+            per_task = self.val_metrics[size]
+            present = {t.name: bool(counts[i, j] > 0) for j, t in enumerate(self.tasks)}
+            values = log_task_metrics(per_task, present)
+            for key, value in values.items():
+                self.log(f"{prefix}/{size}/{key}", value, add_dataloader_idx=False)
+            task_losses = [values[f"{name}/loss"] for name, on in present.items() if on]
+            if not task_losses:
+                raise ValueError(
+                    f"the {prefix} split has no labeled sample of any task "
+                    f"({[t.name for t in self.tasks]}): nothing to evaluate"
                 )
+            self.log(
+                f"{prefix}/{size}/global/loss",
+                torch.stack(task_losses).sum(),
+                add_dataloader_idx=False,
+            )
+            self._name_unlabeled(prefix, [name for name, on in present.items() if not on])
+
+    def _name_unlabeled(self, prefix: str, names: list[str]) -> None:
+        """Says once per split (not every epoch) which tasks it has no label of."""
+        if not names or prefix in self._unlabeled_named:
+            return
+        self._unlabeled_named.add(prefix)
+        if self.global_rank == 0:
+            log.warning(
+                "the %s split has no labeled sample of task(s) %s on any device: they are not "
+                "evaluated and are left out of %s/<size>/global/loss",
+                prefix,
+                names,
+                prefix,
+            )
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

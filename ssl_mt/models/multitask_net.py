@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,11 @@ class MultiTaskNet(nn.Module):
         Raises:
             BackboneError: listing the missing or mismatched keys.
         """
-        state = load_weights_file(path)
+        return self.load_encoder_state(load_weights_file(path), str(path))
+
+    def load_encoder_state(self, state: Mapping[str, Tensor], source: str) -> tuple[int, list[str]]:
+        """:meth:`load_encoder_weights` from tensors in memory; ``source`` names them."""
+        path = source
         encoder = self.timm_encoder
         renamed = {k: state[timm_key(k)] for k in encoder.state_dict() if timm_key(k) in state}
         subset = match_state_dict(encoder, renamed, str(path))

@@ -2,7 +2,8 @@
 
 ``policy=raise`` stops the run with the step, the task and the last good checkpoint (which
 is left untouched: no checkpoint is written after the bad step). ``policy=skip`` drops the
-batch (no backward, no optimiser step) and counts it. Either way the check reads one
+batch (a zero gradient, no optimiser step: :mod:`ssl_mt.models.skipping`) and counts it;
+under DDP every rank skips the same batch. Either way the check reads one
 boolean per step from the device; ``check_every_n_steps > 1`` (raise only) avoids the
 per-step synchronisation and still names the first bad step, recorded on the device.
 """
@@ -49,8 +50,14 @@ class NonFiniteGuard(nn.Module):
         self.register_buffer("first_bad_task", torch.full((), -1, dtype=torch.long))
         self._names: list[str] = []
 
-    def should_skip(self, losses: Mapping[str, Tensor], step: int) -> bool:
+    def should_skip(self, losses: Mapping[str, Tensor], step: int, synced: bool = False) -> bool:
         """Records the step's losses; True when the batch must be skipped (``skip`` policy).
+
+        Args:
+            losses: The step's losses.
+            step: The global step.
+            synced: The losses are already reduced over the ranks (the same on every rank),
+                so every rank decides alike without a further collective.
 
         Raises:
             NonFiniteLossError: under ``raise``, at the first check after a bad step.
@@ -59,7 +66,7 @@ class NonFiniteGuard(nn.Module):
             self._names = list(losses)
         finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
         bad = ~finite.all()
-        if self.policy == "skip" and dist.is_available() and dist.is_initialized():
+        if self.policy == "skip" and not synced and dist.is_available() and dist.is_initialized():
             # Every rank must skip the same batch, or DDP's gradient all-reduce hangs.
             flag = bad.to(torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -95,13 +102,15 @@ def last_good_checkpoint(run_dir: str | Path) -> str:
     return str(path) if path.is_file() else "none yet (the run had not finished an epoch)"
 
 
-def guard_step(module: Any, losses: Mapping[str, Tensor]) -> bool:
+def guard_step(module: Any, losses: Mapping[str, Tensor], synced: bool = False) -> bool:
     """Runs ``module.nonfinite`` on a training step; True when the batch is to be skipped.
+
+    ``synced``: the losses are the same on every rank (see :meth:`NonFiniteGuard.should_skip`).
 
     The error raised under ``policy=raise`` names the last good checkpoint of the run.
     """
     try:
-        skip = module.nonfinite.should_skip(losses, module.global_step)
+        skip = module.nonfinite.should_skip(losses, module.global_step, synced=synced)
     except NonFiniteLossError as error:
         where = last_good_checkpoint(module.trainer.default_root_dir)
         raise NonFiniteLossError(

@@ -12,13 +12,15 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
-from ssl_mt.models.backbone import create_backbone
+from ssl_mt.models.backbone import create_backbone, match_state_dict
 from ssl_mt.models.knn import embedding_std, knn_predict
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
+from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step
 from ssl_mt.models.task_metrics import step_mean
 from ssl_mt.optim import build_optimizer, decay_groups
 
@@ -59,12 +61,21 @@ class SSLModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile_backbone = compile
         self.image_size = image_size
-        self.backbone = create_backbone(**self.backbone_cfg)
+        # Initial weights (backbone.pretrained / backbone.weights) are loaded by the app when
+        # it builds a new run (init_backbone), never here: checkpoints restore their own.
+        self.backbone = create_backbone(
+            **{**self.backbone_cfg, "pretrained": False, "weights": None}
+        )
         self.nonfinite = NonFiniteGuard(**dict(nonfinite or {}))
         self.train_loss = step_mean()
         self.train_std = step_mean()
         self._knn_features: list[list[Tensor]] = [[], []]
         self._knn_labels: list[list[Tensor]] = [[], []]
+
+    def init_backbone(self, state: Mapping[str, Tensor], source: str) -> None:
+        """Starts the backbone from a plain timm state dict (the app, for a new run only)."""
+        subset = match_state_dict(self.backbone, state, source)
+        self.backbone.load_state_dict(subset, strict=True)
 
     # -- to implement -------------------------------------------------------------------
     def ssl_step(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -92,11 +103,31 @@ class SSLModule(L.LightningModule):
         """Pooled backbone features (N, C)."""
         return self.backbone(to_channels_last(images, self.channels_last))
 
+    def _skip_short_batch(self, batch: Mapping[str, Any]) -> bool:
+        """True (on every rank alike) when the step must be skipped for bad samples.
+
+        The methods gather equal-sized batches from every rank (NT-Xent's negatives, MoCo's
+        keys), so under DDP a batch that lost a sample as bad on any rank skips the step on
+        all of them; the agreement costs one small ``all_reduce`` per step, only with
+        ``data.on_bad_sample=skip``. In one process only an empty batch is skipped.
+        """
+        empty = "views" not in batch
+        datamodule = getattr(self.trainer, "datamodule", None)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not distributed or getattr(datamodule, "on_bad_sample", "raise") != "skip":
+            return empty
+        short = torch.tensor(float(empty or bool(batch.get("bad_samples"))), device=self.device)
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+        return bool(short)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        if self._skip_short_batch(batch):
+            return skip_step(self)
         views = batch["views"]
         loss, embeddings, extra = self.ssl_step(views)
+        # Under skip, guard_step agrees over the ranks (an all_reduce of the flag).
         if guard_step(self, {"loss": loss}):
-            return None
+            return skip_step(self)
         batch_size = views[0].shape[0]
         self.train_loss.update(loss.detach())
         with torch.no_grad():
@@ -110,6 +141,9 @@ class SSLModule(L.LightningModule):
             metric.update(extra[name].detach())
             self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure=None):
+        optimizer_step_unless_skipped(self, optimizer, optimizer_closure)
 
     @property
     def extra_metrics(self) -> nn.ModuleDict:

@@ -2,11 +2,22 @@
 
 Segmentation: IoU (Jaccard) and Dice over every labeled pixel of the epoch (Dice equals the
 pixel-level F1). Classification: top-1, top-5 (only with more than 5 classes) and macro F1.
+The loss is the mean of the per-sample losses over the labeled samples of the split.
 States are reset every epoch and reduced across DDP ranks by torchmetrics.
+
+torchmetrics' ``compute()`` is a collective under DDP (it syncs the states), also on a rank
+that never called ``update()`` (its states are the defaults: zeros, which sum correctly). So
+every rank must call it, for the same metrics in the same order: :func:`labeled_counts`
+agrees on which tasks have labels anywhere, :func:`log_task_metrics` computes exactly those.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import (
@@ -53,14 +64,18 @@ def update_task_metrics(
     logits: Tensor,
     target: Tensor,
     present: Tensor,
-    loss: Tensor,
+    per_sample_loss: Tensor,
 ) -> None:
-    """Updates one task's metrics with the labeled samples of a batch (validation only)."""
-    count = present.sum()
-    metrics["loss"].update(loss.detach(), weight=count)
-    if not bool(count):
+    """Updates one task's metrics with the labeled samples of a batch (validation only).
+
+    ``per_sample_loss`` (N,): the task's loss of every sample, labeled or not.
+    """
+    flags = present.to(torch.bool)
+    loss = torch.where(flags, per_sample_loss.detach().float(), 0.0)
+    metrics["loss"].update(loss, weight=flags.float())
+    if not bool(flags.any()):
         return
-    logits, target = logits[present].detach(), target[present]
+    logits, target = logits[flags].detach(), target[flags]
     for name, metric in metrics.items():
         if name == "loss":
             continue
@@ -68,3 +83,38 @@ def update_task_metrics(
             metric.update(logits.float().sigmoid().flatten(), target.flatten().long())
         else:
             metric.update(logits.float(), target)
+
+
+def labeled_counts(per_size: Sequence[Mapping[str, nn.ModuleDict]]) -> Tensor:
+    """(sizes, tasks) labeled samples seen by every rank together: one ``all_reduce``.
+
+    Read from each task's loss metric (a ``MeanMetric`` whose weights are the labeled flags,
+    so its ``weight`` state is this rank's labeled count).
+    """
+    local = torch.stack(
+        [torch.stack([m["loss"].weight.float() for m in tasks.values()]) for tasks in per_size]
+    )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return local
+
+
+def log_task_metrics(
+    per_task: Mapping[str, nn.ModuleDict], present: Mapping[str, bool]
+) -> dict[str, Tensor]:
+    """``{"task/metric": value}`` of the tasks labeled somewhere; every metric is reset.
+
+    ``present`` must be the same on every rank (from :func:`labeled_counts`): each computed
+    metric syncs its states over the ranks.
+    """
+    values: dict[str, Tensor] = {}
+    for task, metrics in per_task.items():
+        for name, metric in metrics.items():
+            if present[task]:
+                with warnings.catch_warnings():
+                    # A rank whose shard held no label of the task joins the sync with its
+                    # default states; torchmetrics' "compute before update" warning is moot.
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+                    values[f"{task}/{name}"] = metric.compute()
+            metric.reset()
+    return values

@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ssl_mt.config import CONF_DIR
+from ssl_mt.config import CONF_DIR, app_groups
 from tests.helpers import compose_app
 
 APPS = ("pretrain", "finetune")
@@ -15,12 +15,6 @@ GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def app_groups(app: str) -> set[str]:
-    """The groups in an app's defaults list (some groups belong to one app only)."""
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{app}.yaml").defaults)
-    return {next(iter(entry)) for entry in defaults if isinstance(entry, dict)}
 
 
 def test_every_group_is_used_by_an_app():

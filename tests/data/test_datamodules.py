@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import MultiTaskDataModule
 from ssl_mt.data.datasets import BAD_SAMPLE_KEY, MultiTaskDataset, collate_samples
 from ssl_mt.data.image_io import BadSampleError
@@ -32,7 +32,7 @@ CLS = ("blur", "tone", "relevance")
 
 @pytest.fixture(scope="module")
 def augment():
-    return OmegaConf.load(CONF_DIR / "augment" / "finetune.yaml")
+    return load_group("augment", "finetune")
 
 
 def make_dm(root: Path, augment, **kwargs) -> MultiTaskDataModule:
@@ -346,3 +346,42 @@ def test_mask_with_wrong_channels_is_a_bad_sample(copied_root, augment):
     dataset = MultiTaskDataset(samples, tasks, build_finetune_transform(augment, 32, train=False))
     with pytest.raises(BadSampleError, match="single-channel"):
         dataset[index]
+
+
+def test_eval_loaders_under_ddp_hold_every_sample_exactly_once(synthetic_root, augment):
+    shards = []
+    for rank in (0, 1):
+        dm = make_dm(synthetic_root, augment)
+        dm.setup("fit")
+        dm.trainer = fake_trainer(world_size=2, rank=rank)
+        shards.append([int(i) for b in dm.val_dataloader()[0] for i in b["index"]])
+    n = len(dm.samples["val"])
+    assert n % 2 == 1, "an odd val split shows DistributedSampler's padding"
+    assert sorted(shards[0] + shards[1]) == list(range(n))  # no repeat, none missing
+    assert {len(s) for s in shards} == {n // 2, n // 2 + 1}
+
+
+def test_eval_split_smaller_than_the_world_is_refused(synthetic_root, augment):
+    dm = make_dm(synthetic_root, augment)
+    dm.setup("fit")
+    dm.trainer = fake_trainer(world_size=len(dm.samples["val"]) + 1)
+    with pytest.raises(ValueError, match=r"samples in split 'val' over \d+ devices"):
+        dm.val_dataloader()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 3])
+def test_window_label_counts_match_the_batches_the_loader_yields(
+    synthetic_root, augment, accumulate
+):
+    names = ["tone", "skin", "relevance"]
+    for rank in (0, 1):
+        dm = make_dm(synthetic_root, augment)
+        dm.setup("fit")
+        dm.trainer = fake_trainer(epoch=1, world_size=2, rank=rank)
+        flags = [torch.stack([b["present"][n].sum() for n in names]) for b in dm.train_dataloader()]
+        assert len(flags) == 5  # 41 train images, 20 per rank, batches of 4
+        for batch_idx in range(len(flags)):
+            window = batch_idx // accumulate
+            expected = sum(flags[window * accumulate : (window + 1) * accumulate])
+            counts = dm.train_label_counts(batch_idx, accumulate, names)
+            assert counts.tolist() == expected.float().tolist(), (rank, batch_idx)

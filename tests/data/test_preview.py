@@ -9,9 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
-from ssl_mt.config import CONF_DIR
+from ssl_mt.config import load_group
 from ssl_mt.data.preview import preview_grid, preview_views
 
 
@@ -43,7 +42,7 @@ def test_grid_of_a_plain_image_folder(synthetic_root: Path, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("preset", ["simclr", "skin"])
 def test_views(synthetic_root: Path, tmp_path: Path, preset: str) -> None:
-    augment = OmegaConf.load(CONF_DIR / "augment" / f"{preset}.yaml")
+    augment = load_group("augment", preset)
     out = preview_views(synthetic_root, tmp_path / "views.png", augment, n=3, size=48)
     image = _read(out)
     assert 3 * 48 <= image.shape[1] <= 3 * 48 + 40  # original, view 1, view 2

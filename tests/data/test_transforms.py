@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 import torch
 from albumentations.pytorch import ToTensorV2
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ssl_mt.config import CONF_DIR
-from ssl_mt.data.transforms import build_finetune_transform, build_ssl_view_transform
+from ssl_mt.config import load_group
+from ssl_mt.data.transforms import (
+    RandomResizedCrop,
+    build_finetune_transform,
+    build_ssl_view_transform,
+)
 
 SEEDS = range(100)
 
 
 def augment_config(name: str) -> DictConfig:
-    return OmegaConf.load(CONF_DIR / "augment" / f"{name}.yaml")
+    return load_group("augment", name)
 
 
 def to_rgb(tensor: torch.Tensor, cfg) -> np.ndarray:
@@ -165,7 +169,7 @@ def test_strength_zero_is_crop_and_flip_only() -> None:
     cfg = augment_config("finetune")
     transform = build_finetune_transform(cfg, 32, train=True, strength=0.0)
     kinds = [type(t) for t in transform.transforms]
-    assert kinds == [A.RandomResizedCrop, A.HorizontalFlip, A.Normalize, ToTensorV2]
+    assert kinds == [RandomResizedCrop, A.HorizontalFlip, A.Normalize, ToTensorV2]
     assert tuple(transform.transforms[0].scale) == (1.0, 1.0)
 
     # Whole square image, resized and possibly mirrored: nothing else.

@@ -191,6 +191,16 @@ def test_dino_loss_uses_the_old_centre_then_moves_it_by_ema():
     assert "center" in criterion.state_dict()  # saved with checkpoints
 
 
+def test_dino_centre_ignores_a_non_finite_teacher_batch():
+    criterion = DINOLoss(3, center_momentum=0.9)
+    criterion.center.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
+    old = criterion.center.clone()
+    teacher = torch.randn(4, 3, generator=gen(0))
+    teacher[1, 2] = float("nan")  # the step the non-finite guard skips
+    criterion.update_center(teacher)
+    assert torch.equal(criterion.center, old)
+
+
 def test_dino_loss_needs_two_views():
     with pytest.raises(ValueError, match="at least two views"):
         dino_cross_entropy([torch.zeros(2, 3)], [torch.zeros(2, 3)], torch.zeros(3), 0.1, 0.04)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ssl_mt.losses.weighting import (
     FAMO,
@@ -308,41 +305,6 @@ def test_famo_eval_mode_changes_no_state() -> None:
     weighting.eval()
     weighting(_losses(0.1, 0.1, 0.1), ALL)
     assert all(torch.equal(before[k], v) for k, v in weighting.state_dict().items())
-
-
-def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
-    try:
-        weighting = FAMO(TASKS)
-        for step in range(6):
-            values = [1.0 / (step + 1 + rank), 0.9 ** (step * (rank + 1)), 1.0 - 0.05 * step]
-            tone_present = rank == 0 or step % 2 == 0  # tone labeled on rank 1 every other step
-            weighting(_losses(*values), _present(True, True, tone_present))
-        torch.save(weighting.state_dict(), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.ddp
-def test_famo_ddp_keeps_identical_logits_on_every_rank(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for key in ("logits", "exp_avg", "exp_avg_sq", "steps", "prev_losses", "prev_present"):
-        assert torch.equal(states[0][key], states[1][key]), key
-    # The same as one process fed the per-task mean over the ranks that have labels.
-    single = FAMO(TASKS)
-    for step in range(6):
-        per_rank = [
-            [1.0 / (step + 1 + r), 0.9 ** (step * (r + 1)), 1.0 - 0.05 * step] for r in range(2)
-        ]
-        tone_1 = step % 2 == 0
-        mean = [(per_rank[0][i] + per_rank[1][i]) / 2 for i in range(2)]
-        mean.append(per_rank[0][2] if not tone_1 else (per_rank[0][2] + per_rank[1][2]) / 2)
-        single(_losses(*mean), ALL)
-    torch.testing.assert_close(states[0]["logits"], single.logits)
-    assert states[0]["logits"].abs().max() > 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ HEAD_ONLY = ("conv_head.", "bn2.")  # after the last feature map: not in feature
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An export whose every tensor differs from any fresh initialisation."""
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export folder whose every tensor differs from any fresh initialisation."""
     torch.manual_seed(0)
     model = create_backbone(NAME)
     with torch.no_grad():
@@ -29,8 +29,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 tensor.add_(torch.randn_like(tensor) + 1.0 + i)
             else:
                 tensor.add_(7)  # BatchNorm's num_batches_tracked
-    out = tmp_path_factory.mktemp("export") / "backbone.safetensors"
+    out = tmp_path_factory.mktemp("export") / "backbone"
     return export_backbone(model, NAME, out, image_size=64, extra={"method": "test"})
+
+
+@pytest.fixture(scope="module")
+def exported(export_dir: Path) -> Path:
+    """The export's weights file."""
+    return export_dir / "model.safetensors"
 
 
 def assert_holds_the_file(state: dict[str, torch.Tensor], file_state: dict[str, torch.Tensor]):
@@ -45,16 +51,43 @@ def test_create_backbone_gives_pooled_features_without_classifier():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, model.num_features)
 
 
-def test_export_writes_safetensors_and_json_without_classifier(exported: Path):
+def test_export_writes_a_timm_hub_folder_without_classifier(export_dir: Path, exported: Path):
+    assert sorted(p.name for p in export_dir.iterdir()) == ["config.json", "model.safetensors"]
     state = load_file(str(exported))
     assert not [k for k in state if k.startswith("classifier")]
     assert len(state) == len(timm.create_model(NAME, num_classes=0).state_dict())
-    meta = json.loads(exported.with_suffix(".json").read_text())
-    assert meta["model_name"] == NAME
-    assert meta["image_size"] == 64
-    assert meta["num_tensors"] == len(state)
-    assert meta["method"] == "test"
-    assert not list(exported.parent.glob("*.tmp"))  # written atomically
+    config = json.loads((export_dir / "config.json").read_text())
+    assert config["architecture"] == NAME
+    assert config["num_classes"] == 0
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    assert config["ssl_mt"]["num_tensors"] == len(state)
+    assert config["ssl_mt"]["method"] == "test"
+    assert not list(export_dir.parent.glob("*.tmp"))  # written atomically
+
+
+@pytest.mark.parametrize("name", [NAME, "test_convnext"])
+def test_export_folder_loads_with_timm_local_dir_every_key_matched(name: str, tmp_path: Path):
+    model = create_backbone(name)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(1.5)
+    folder = export_backbone(model, name, tmp_path / "b", image_size=96, mean=(0.1,) * 3)
+    # pretrained=True loads strictly: a missing or unexpected key would raise.
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert loaded.num_classes == 0
+    assert_holds_the_file(loaded.state_dict(), model.state_dict())
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    data = timm.data.resolve_data_config({}, model=loaded)
+    assert tuple(data["input_size"]) == (3, 96, 96) and tuple(data["mean"]) == (0.1, 0.1, 0.1)
+    # Written again over an older export: replaced whole.
+    assert export_backbone(model, name, folder) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_export_refuses_a_file_name(tmp_path: Path):
+    with pytest.raises(BackboneError, match=r"an export is a folder"):
+        export_backbone(create_backbone(NAME), NAME, tmp_path / "backbone.safetensors")
 
 
 @pytest.mark.parametrize("num_classes", [0, 5])
@@ -93,9 +126,15 @@ def test_export_loads_through_multitasknet(exported: Path, default_tasks):
     assert_holds_the_file({timm_key(k): v for k, v in encoder_state.items()}, file_state)
 
 
-def test_create_backbone_loads_an_export(exported: Path):
-    model = create_backbone(NAME, weights=exported)
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_create_backbone_loads_an_export(exported: Path, as_folder: bool):
+    model = create_backbone(NAME, weights=exported.parent if as_folder else exported)
     assert_holds_the_file(model.state_dict(), load_file(str(exported)))
+
+
+def test_a_folder_without_model_safetensors_is_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"has no model\.safetensors"):
+        create_backbone(NAME, weights=tmp_path)
 
 
 def test_create_backbone_reads_a_torch_state_dict(exported: Path, tmp_path: Path):

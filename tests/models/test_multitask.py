@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import MultiTaskDataModule
 from ssl_mt.data.datasets import MultiTaskDataset, collate_samples
 from ssl_mt.data.manifest import load_manifest
@@ -25,7 +25,7 @@ TASK_NAMES = ("skin", "scalp", "blur", "tone", "relevance")
 
 
 def optim_cfg(**overrides):
-    cfg = OmegaConf.load(CONF_DIR / "optim" / "adamw.yaml")
+    cfg = load_group("optim", "adamw")
     cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs = 3e-3, "none", 0
     return OmegaConf.merge(cfg, overrides)
 
@@ -44,7 +44,7 @@ def make_module(optim=None, eval_sizes=(64,), weighting="fixed", **kwargs) -> Mu
 
 
 def augment_cfg():
-    return OmegaConf.load(CONF_DIR / "augment" / "finetune.yaml")
+    return load_group("augment", "finetune")
 
 
 def fixed_batch(root: Path, size: int = 64) -> dict:

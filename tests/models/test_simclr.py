@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf
 from timm.optim import Lars
 from torch.utils.data import DataLoader
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import SSLDataModule
 from ssl_mt.losses.nt_xent import nt_xent_loss
 from ssl_mt.models.simclr import SimCLRModule
@@ -58,7 +57,7 @@ def make_datamodule(root: Path, stages: list[dict], eval_size: int = 32) -> SSLD
         root=str(root),
         stages=stages,
         eval_sizes=[eval_size],
-        augment=OmegaConf.load(CONF_DIR / "augment" / "skin.yaml"),
+        augment=load_group("augment", "skin"),
         tasks=load_tasks_config("default"),
         knn_tasks=["tone", "relevance"],
         num_workers=0,
@@ -219,7 +218,7 @@ class _MonitorData(SSLDataModule):
             root=str(root),
             stages=[{"size": 32, "epochs": 1, "batch_size": 8}],
             eval_sizes=[32],
-            augment=OmegaConf.load(CONF_DIR / "augment" / "skin.yaml"),
+            augment=load_group("augment", "skin"),
             tasks=load_tasks_config("default"),
             knn_tasks=["tone", "relevance"],
             num_workers=0,

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ssl_mt.config import CONF_DIR, load_tasks_config
+from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import SSLDataModule
 from ssl_mt.data.synthetic import generate_dataset
 from ssl_mt.data.transforms import ViewSpec
@@ -150,7 +150,7 @@ def test_short_run_lowers_the_loss_without_collapse(method_run):
     std = epoch_values(run_dir, "train/embedding_std")
     dim = METHODS[method][1]
     assert std.min() > 0.2 / math.sqrt(dim), f"{method}: {std.to_dict()} (D={dim})"
-    for name in ("backbone.safetensors", "backbone.json", "checkpoints/last.ckpt"):
+    for name in ("backbone/model.safetensors", "backbone/config.json", "checkpoints/last.ckpt"):
         assert (run_dir / name).is_file(), name
 
 
@@ -230,7 +230,7 @@ def test_resume_restores_momentum_network_queue_and_centre_exactly(method_run, t
         assert snapshot.momentum == module.momentum_schedule(saved["global_step"], total)
 
     # The export is the online network (the student), not the target.
-    exported = load_file(str(run_dir / "backbone.safetensors"))
+    exported = load_file(str(run_dir / "backbone" / "model.safetensors"))
     for name, tensor in exported.items():
         assert torch.equal(tensor, state[f"backbone.{name}"]), name
     if method in MOMENTUM_METHODS:
@@ -424,7 +424,7 @@ def test_dino_config_gives_two_global_and_n_local_views(data_root: Path):
         root=str(data_root),
         stages=[{"size": 64, "epochs": 1, "batch_size": 4}],
         eval_sizes=[64],
-        augment=OmegaConf.to_container(OmegaConf.load(CONF_DIR / "augment" / "skin.yaml")),
+        augment=OmegaConf.to_container(load_group("augment", "skin")),
         tasks=load_tasks_config("default"),
         views=views,
         num_workers=0,

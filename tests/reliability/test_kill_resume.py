@@ -157,7 +157,7 @@ def test_pretrain_killed_after_the_switch_resumes(synthetic_root, tmp_path, reap
     assert (state["epoch"], state["batch"], state["global_step"]) == (1, 1, 6)
     assert _last(run_dir)["epoch"] == 0
     sigkill(proc)
-    assert not (run_dir / "backbone.safetensors").exists()
+    assert not (run_dir / "backbone" / "model.safetensors").exists()
     # Also the narrow window between the checkpoint and the epoch's log row.
     assert _drop_epoch_rows(run_dir / "metrics.csv", 0, "train/loss") == 1
 
@@ -174,4 +174,4 @@ def test_pretrain_killed_after_the_switch_resumes(synthetic_root, tmp_path, reap
     assert per_epoch(df, "train/batch_size") == {0: 8.0, 1: 16.0, 2: 16.0}
     last = _last(run_dir)
     assert (last["epoch"], last["global_step"]) == (2, 9)
-    assert (run_dir / "backbone.safetensors").is_file()
+    assert (run_dir / "backbone" / "model.safetensors").is_file()

@@ -34,12 +34,12 @@ def _poison(monkeypatch, app: str, batches: Iterable[int]) -> None:
         return losses
 
     if app == "finetune":
-        original = MultiTaskModule.task_losses
+        original = MultiTaskModule.per_sample_losses
 
-        def task_losses(self, outputs, batch):
+        def per_sample_losses(self, outputs, batch):
             return poisoned(original(self, outputs, batch), self.training)
 
-        monkeypatch.setattr(MultiTaskModule, "task_losses", task_losses)
+        monkeypatch.setattr(MultiTaskModule, "per_sample_losses", per_sample_losses)
     else:
         original_step = SimCLRModule.ssl_step
 

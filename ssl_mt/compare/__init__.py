@@ -1,0 +1,88 @@
+"""Compare fine-tuning runs and arms of runs: did the pretraining help, and how sure is that?
+
+Modules:
+
+- :mod:`~ssl_mt.compare.runs`: reading run folders (``metrics.csv``, ``.hydra/config.yaml``,
+  evaluation records), Hydra multirun folders, arms (groups of seeds) and study layouts;
+- :mod:`~ssl_mt.compare.statistics`: metrics from per-image records, the paired bootstrap
+  over images with the variance between seeds, verdicts;
+- :mod:`~ssl_mt.compare.tables`: final/best metrics, jumps at the resolution switch, markdown;
+- :mod:`~ssl_mt.compare.differences`: differences between arms with intervals and verdicts,
+  the label-efficiency table;
+- :mod:`~ssl_mt.compare.plots`: loss curves with bands over seeds, differences, study;
+- :mod:`~ssl_mt.compare.report`: ``report.md`` / ``study.md`` with their figures;
+- ``python -m ssl_mt.compare`` (:mod:`~ssl_mt.compare.__main__`): the command line.
+
+The notebook ``notebooks/compare_loss_curves.ipynb`` calls the functions exported here.
+"""
+
+from ssl_mt.compare.differences import (
+    RecordsChoice,
+    comparison_table,
+    study_table,
+    verdict_table,
+)
+from ssl_mt.compare.plots import (
+    plot_differences,
+    plot_study,
+    plot_train_losses,
+    plot_val_losses,
+    save_figure,
+)
+from ssl_mt.compare.report import (
+    load_choice,
+    markdown_report,
+    study_markdown,
+    verdict_text,
+    write_comparison,
+    write_report,
+    write_study,
+)
+from ssl_mt.compare.runs import (
+    Arm,
+    CompareError,
+    Run,
+    StudyCell,
+    Switch,
+    load_arms,
+    load_run,
+    load_runs,
+    load_study,
+    unique_names,
+)
+from ssl_mt.compare.statistics import BootstrapSettings, compare_arms, verdict
+from ssl_mt.compare.tables import jump_table, summary_table
+
+__all__ = [
+    "Arm",
+    "BootstrapSettings",
+    "CompareError",
+    "RecordsChoice",
+    "Run",
+    "StudyCell",
+    "Switch",
+    "compare_arms",
+    "comparison_table",
+    "jump_table",
+    "load_arms",
+    "load_choice",
+    "load_run",
+    "load_runs",
+    "load_study",
+    "markdown_report",
+    "plot_differences",
+    "plot_study",
+    "plot_train_losses",
+    "plot_val_losses",
+    "save_figure",
+    "study_markdown",
+    "study_table",
+    "summary_table",
+    "unique_names",
+    "verdict",
+    "verdict_table",
+    "verdict_text",
+    "write_comparison",
+    "write_report",
+    "write_study",
+]

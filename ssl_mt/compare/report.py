@@ -1,0 +1,352 @@
+"""The comparison report (``report.md`` + PNGs + csv) and the label-efficiency report
+(``study.md`` + ``study.png`` + ``study.csv``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from ssl_mt.compare.differences import (
+    RecordsChoice,
+    arm_records,
+    comparison_table,
+    study_table,
+    verdict_table,
+)
+from ssl_mt.compare.plots import (
+    plot_differences,
+    plot_study,
+    plot_train_losses,
+    plot_val_losses,
+    save_figure,
+)
+from ssl_mt.compare.runs import Arm, Run, StudyCell, as_arms
+from ssl_mt.compare.statistics import BootstrapSettings
+from ssl_mt.compare.tables import (
+    _jump_verdicts,
+    _metric_column,
+    dataframe_to_markdown,
+    flat_columns,
+    jump_table,
+    metric_label,
+    plain_markdown,
+    summary_table,
+)
+from ssl_mt.config import CONF_DIR
+
+SETTINGS_FILE = CONF_DIR / "compare.yaml"
+
+
+def load_choice(overrides: Mapping[str, Any] | None = None) -> RecordsChoice:
+    """``conf/compare.yaml`` with ``overrides`` (``iterations``, ``seed``, ``confidence``,
+    ``checkpoint``, ``split``; None values are ignored)."""
+    config = OmegaConf.to_container(OmegaConf.load(SETTINGS_FILE), resolve=True)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    boot = {
+        **config["bootstrap"],
+        **{k: given[k] for k in ("iterations", "seed", "confidence") if k in given},
+    }
+    checkpoint = given.get("checkpoint", config["checkpoint"])
+    split = given.get("split", config["split"])
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be best or last, got {checkpoint!r}")
+    return RecordsChoice(
+        checkpoint=checkpoint,
+        split=split,
+        bootstrap=BootstrapSettings(
+            int(boot["iterations"]), int(boot["seed"]), float(boot["confidence"])
+        ),
+    )
+
+
+def _method(
+    choice: RecordsChoice, arms: Sequence[Arm] | None = None, images: int | None = None
+) -> str:
+    seeds = ""
+    if arms:
+        seeds = "; seeds per arm: " + ", ".join(f"{a.name} {a.seeds}" for a in arms)
+    on = f" over {images} images" if images else ""
+    return (
+        f"{choice.split} split, {choice.checkpoint} checkpoint of each run; "
+        f"{choice.bootstrap.confidence:.0%} intervals from a paired bootstrap{on} "
+        f"({choice.bootstrap.iterations} replicates, seed {choice.bootstrap.seed}: the same "
+        "resampled images for every arm), plus the variance between seeds when an arm has "
+        "several (a Student-t draw on the seed means, image noise netted out)" + seeds + ". "
+        "Verdict: better / worse only when the whole interval lies on one side of 0, with "
+        "the metric's direction (↑ higher is better, ↓ lower is better)."
+    )
+
+
+def verdict_text(comparisons: pd.DataFrame, choice: RecordsChoice, arms: Sequence[Arm]) -> str:
+    """The per-task verdict as a markdown table with a one-line heading (printed by the CLI)."""
+    table = verdict_table(comparisons)
+    if table.empty:
+        return ""
+    size = table.attrs["size"]
+    images = ", ".join(
+        f"{t} {n}"
+        for t, n in comparisons[comparisons["size"] == size]
+        .drop_duplicates("task")[["task", "images"]]
+        .itertuples(index=False)
+    )
+    heading = (
+        f"Verdict per task (val @ {size} px, main metric; {choice.split}/{choice.checkpoint}; "
+        f"{choice.bootstrap.confidence:.0%} intervals; images: {images}; seeds: "
+        + ", ".join(f"{a.name} {a.seeds}" for a in arms)
+        + ")"
+    )
+    return heading + "\n\n" + plain_markdown(table)
+
+
+def _comparison_markdown(comparisons: pd.DataFrame) -> str:
+    """The full table of differences, one markdown table per eval size."""
+    lines = []
+    for size, part in comparisons.groupby("size", sort=True):
+        rows = pd.DataFrame(
+            {
+                "task": part["task"],
+                "metric": part["metric"].map(metric_label),
+                "arm": part["arm"],
+                "reference (mean ± std)": [
+                    _mean_std_ci(r, "reference ") for r in part.to_dict("records")
+                ],
+                "arm (mean ± std)": [_mean_std_ci(r, "") for r in part.to_dict("records")],
+                "Δ": part["difference"].map(lambda v: f"{v:+.4f}"),
+                "interval": [
+                    f"[{r['difference low']:+.4f}, {r['difference high']:+.4f}]"
+                    for r in part.to_dict("records")
+                ],
+                "verdict": part["verdict"],
+                "images": part["images"],
+            }
+        )
+        left = int(part["images left out"].max())
+        note = f" ({left} image(s) not in every run's records left out)" if left else ""
+        lines += [f"### {size} px{note}", "", plain_markdown(rows), ""]
+    return "\n".join(lines)
+
+
+def _mean_std_ci(row: Mapping[str, Any], prefix: str) -> str:
+    value, std = row[f"{prefix}value"], row[f"{prefix}std"]
+    spread = "" if math.isnan(std) else f" ± {std:.4f}"
+    return f"{value:.4f}{spread} [{row[f'{prefix}low']:.4f}, {row[f'{prefix}high']:.4f}]"
+
+
+def markdown_report(
+    items: Sequence[Run | Arm],
+    images: Mapping[str, str] | None = None,
+    comparisons: pd.DataFrame | None = None,
+    choice: RecordsChoice | None = None,
+    missing: Sequence[Path] = (),
+) -> str:
+    """The comparison as markdown: runs; the differences between arms with their intervals
+    and verdicts (from the evaluation records); switch jumps; final/best metrics per
+    resolution (per run).
+
+    Args:
+        items: Loaded runs (each its own arm) or arms; the first is the reference of every
+            difference.
+        images: Optional ``{caption: relative path}`` of figures to link at the top.
+        comparisons: :func:`~ssl_mt.compare.tables.comparison_table` (None: not computed).
+        choice: The records and bootstrap settings behind ``comparisons``.
+        missing: Runs without evaluation records (named in the report).
+    """
+    arms = as_arms(items)
+    runs = [run for arm in arms for run in arm.runs]
+    first = runs[0]
+    lines = ["# Run comparison: " + " vs ".join(r.name for r in runs), ""]
+    lines += [
+        "| run | folder | epochs | eval sizes (px) | resolution switches |",
+        "|---|---|---:|---|---|",
+    ]
+    for run in runs:
+        epochs = int(run.val.index.max()) + 1 if len(run.val.index) else 0
+        switches = ", ".join(f"{s.label} at epoch {s.epoch}" for s in run.switches) or "none"
+        sizes = ", ".join(str(s) for s in run.eval_sizes)
+        lines.append(f"| {run.name} | `{run.path}` | {epochs} | {sizes} | {switches} |")
+    lines.append("")
+    if images:
+        for caption, target in images.items():
+            lines += [f"![{caption}]({target})", ""]
+    if len(arms) > 1 and choice is not None:
+        lines += [f"## Differences between arms ({arms[0].name} is the reference)", ""]
+        if missing:
+            lines += [
+                "No per-image evaluation records (RUN/eval/"
+                f"{choice.checkpoint}/{choice.split}_<size>.csv.gz, written at the end of "
+                "fine-tuning) in: " + ", ".join(f"`{p}`" for p in missing) + ". Without them "
+                "there are no intervals, so no verdict.",
+                "",
+            ]
+        elif comparisons is not None and not comparisons.empty:
+            lines += [_method(choice, arms), "", verdict_text(comparisons, choice, arms), ""]
+            lines += ["All metrics and sizes: value [interval] per arm, Δ = arm − reference.", ""]
+            lines += [_comparison_markdown(comparisons)]
+    lines += ["## Jump of the validation loss at the resolution switch", ""]
+    jumps = jump_table(runs)
+    if jumps.empty:
+        lines += ["No run changed its training resolution: no jump to measure.", ""]
+    else:
+        lines += [
+            "before = val loss at the last epoch before the switch, after = at the first epoch "
+            "of the new stage, jump = after − before (positive: the loss went up)."
+            + (
+                f" Δ jump = jump of the run − jump of {first.name}: negative means the run's "
+                f"loss jumped less than {first.name}'s."
+                if len(runs) > 1
+                else ""
+            ),
+            "",
+        ]
+        lines += _jump_verdicts(jumps, runs)
+        lines += [dataframe_to_markdown(jumps), ""]
+    lines += [
+        "## Final and best validation metrics",
+        "",
+        "final = last epoch; best = max for scores (↑), min for losses (↓); best epoch is "
+        "0-based" + (f"; Δ = run − {first.name}." if len(runs) > 1 else "."),
+        "",
+    ]
+    table = _metric_column(summary_table(runs))
+    for size in table.index.get_level_values("size").unique():
+        part = table.xs(size, level="size")
+        lines += [f"### val @ {size} px", "", dataframe_to_markdown(part), ""]
+    return "\n".join(lines)
+
+
+def write_report(
+    items: Sequence[Run | Arm],
+    out: str | Path,
+    logy: bool = True,
+    choice: RecordsChoice | None = None,
+) -> dict[str, Path]:
+    """:func:`write_comparison` without the table: the paths written."""
+    return write_comparison(items, out, logy, choice)[0]
+
+
+def write_comparison(
+    items: Sequence[Run | Arm],
+    out: str | Path,
+    logy: bool = True,
+    choice: RecordsChoice | None = None,
+) -> tuple[dict[str, Path], pd.DataFrame | None]:
+    """Writes ``val_loss.png``, ``train_loss.png``, ``report.md``, ``summary.csv``,
+    ``jumps.csv`` and, with evaluation records in every run, ``differences.png`` and
+    ``comparisons.csv`` into ``out``.
+
+    Returns:
+        The paths by key (``report``, ``val_loss``, ``train_loss``, ``summary``, ``jumps``,
+        and ``differences``, ``comparisons`` when computed) and the comparison table (None
+        with one arm or when a run has no records).
+    """
+    arms = as_arms(items)
+    runs = [run for arm in arms for run in arm.runs]
+    choice = choice or load_choice()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "val_loss": save_figure(plot_val_losses(arms, logy=logy), out / "val_loss.png"),
+        "train_loss": save_figure(plot_train_losses(arms, logy=logy), out / "train_loss.png"),
+    }
+    images = {
+        "validation loss per resolution": paths["val_loss"].name,
+        "training loss": paths["train_loss"].name,
+    }
+    missing: list[Path] = []
+    comparisons = None
+    if len(arms) > 1:
+        _, missing = arm_records(arms, choice.checkpoint, choice.split)
+        if not missing:
+            comparisons = comparison_table(arms, choice)
+            paths["comparisons"] = out / "comparisons.csv"
+            comparisons.to_csv(paths["comparisons"], index=False)
+            paths["differences"] = save_figure(
+                plot_differences(comparisons), out / "differences.png"
+            )
+            images = {"differences with their intervals": paths["differences"].name, **images}
+    report = out / "report.md"
+    text = markdown_report(arms, images, comparisons, choice, missing)
+    report.write_text(text + "\n", encoding="utf-8")
+    paths["report"] = report
+    paths["summary"] = out / "summary.csv"
+    flat_columns(summary_table(runs)).to_csv(paths["summary"])
+    paths["jumps"] = out / "jumps.csv"
+    flat_columns(jump_table(runs)).to_csv(paths["jumps"])
+    return paths, comparisons
+
+
+# -- label-efficiency study ---------------------------------------------------------------------------
+def study_markdown(table: pd.DataFrame, choice: RecordsChoice, image: str | None = None) -> str:
+    """``study.md``: per task, metric and eval size, a table arm × label fraction."""
+    reference = table.attrs.get("reference", table["reference"].iloc[0])
+    lines = ["# Label efficiency", ""]
+    if image:
+        lines += [f"![label efficiency]({image})", ""]
+    lines += [
+        _method(choice) + f" Δ = arm − {reference} at the same label fraction.",
+        "",
+    ]
+    for (size, task, metric), part in table.groupby(["size", "task", "metric"], sort=False):
+        rows = []
+        for fraction, here in part.groupby("fraction", sort=True):
+            first = here.iloc[0]
+            rows.append(
+                {
+                    "fraction": f"{fraction:g}%",
+                    "arm": reference,
+                    "seeds": int(first["reference seeds"]),
+                    "mean ± std [interval]": _mean_std_ci(first, "reference "),
+                    "Δ [interval]": "reference",
+                    "verdict": "",
+                }
+            )
+            for r in here.to_dict("records"):
+                if r["arm"] == reference:
+                    continue
+                rows.append(
+                    {
+                        "fraction": f"{fraction:g}%",
+                        "arm": r["arm"],
+                        "seeds": int(r["seeds"]),
+                        "mean ± std [interval]": _mean_std_ci(r, ""),
+                        "Δ [interval]": f"{r['difference']:+.4f} [{r['difference low']:+.4f}, "
+                        f"{r['difference high']:+.4f}]",
+                        "verdict": r["verdict"],
+                    }
+                )
+        images = int(part["images"].min())
+        lines += [
+            f"## {task}: {metric_label(metric)} @ {size} px ({images} images)",
+            "",
+            plain_markdown(pd.DataFrame(rows)),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_study(
+    cells: Sequence[StudyCell],
+    out: str | Path,
+    choice: RecordsChoice | None = None,
+    reference: str | None = None,
+) -> tuple[dict[str, Path], pd.DataFrame]:
+    """Writes ``study.md``, ``study.png`` and ``study.csv`` (every row, unrounded) into ``out``."""
+    choice = choice or load_choice()
+    table = study_table(cells, choice, reference)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "figure": save_figure(plot_study(table, choice.bootstrap.confidence), out / "study.png")
+    }
+    paths["report"] = out / "study.md"
+    paths["report"].write_text(
+        study_markdown(table, choice, paths["figure"].name) + "\n", encoding="utf-8"
+    )
+    paths["table"] = out / "study.csv"
+    table.to_csv(paths["table"], index=False)
+    return paths, table

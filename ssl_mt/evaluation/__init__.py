@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: per-image records that runs are compared on."""
