@@ -12,7 +12,9 @@ initialisation, so arms differ in nothing else:
 - ``mt``: a random backbone;
 - ``mt_ssl``: ``backbone.weights=--weights`` (one pretraining shared by all its runs);
 - ``mt_imagenet``: timm's ImageNet weights (``backbone.pretrained=true``), or with
-  ``--imagenet-file`` a local copy of them through timm's ``pretrained_cfg_overlay``.
+  ``--imagenet-file`` a local copy of them through timm's ``pretrained_cfg_overlay``;
+- ``mt_ssl_imagenet``: ``backbone.weights=--ssl-imagenet-weights``, a pretraining started
+  from ImageNet weights (``experiment=seed_b4_imagenet``).
 
 The labeled subset depends on the fraction and ``data.label_seed`` only, never on the run
 seed, so every arm and seed at one fraction sees the same labels. Re-running the command
@@ -28,7 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ARMS = ("mt", "mt_ssl", "mt_imagenet")
+ARMS = ("mt", "mt_ssl", "mt_imagenet", "mt_ssl_imagenet")
 DONE_FILE = "study_run.done"
 
 
@@ -40,16 +42,26 @@ def fraction_dir(fraction: float) -> str:
     return f"frac{percent:03d}"
 
 
-def arm_overrides(arm: str, weights: Path | None, imagenet_file: Path | None) -> list[str]:
+def arm_overrides(
+    arm: str,
+    weights: Path | None,
+    imagenet_file: Path | None,
+    ssl_imagenet_weights: Path | None = None,
+) -> list[str]:
     """The overrides that make ``arm``: its name and its backbone initialisation."""
     if arm == "mt":
         return ["experiment_name=mt"]
-    if arm == "mt_ssl":
-        if weights is None or not weights.exists():
-            raise ValueError(f"arm mt_ssl needs --weights PRETRAIN_RUN/backbone (got {weights})")
+    if arm in ("mt_ssl", "mt_ssl_imagenet"):
+        path, flag = (
+            (weights, "--weights")
+            if arm == "mt_ssl"
+            else (ssl_imagenet_weights, "--ssl-imagenet-weights")
+        )
+        if path is None or not path.exists():
+            raise ValueError(f"arm {arm} needs {flag} PRETRAIN_RUN/backbone (got {path})")
         return [
-            "experiment_name=mt_ssl",
-            f"backbone.weights={weights}",
+            f"experiment_name={arm}",
+            f"backbone.weights={path}",
             "require_backbone_weights=true",
         ]
     if arm == "mt_imagenet":
@@ -68,6 +80,7 @@ def plan(
     weights: Path | None,
     imagenet_file: Path | None,
     overrides: Sequence[str],
+    ssl_imagenet_weights: Path | None = None,
 ) -> list[tuple[Path, list[str]]]:
     """(run folder, finetune overrides) of every run, smallest fraction first."""
     runs = []
@@ -80,7 +93,7 @@ def plan(
                         run_dir,
                         [
                             *overrides,
-                            *arm_overrides(arm, weights, imagenet_file),
+                            *arm_overrides(arm, weights, imagenet_file, ssl_imagenet_weights),
                             f"seed={seed}",
                             f"data.label_fraction={fraction}",
                             f"hydra.run.dir={run_dir}",
@@ -103,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--weights", type=Path, help="SSL export folder for the mt_ssl arm")
     parser.add_argument("--imagenet-file", type=Path, help="local timm weights (mt_imagenet)")
+    parser.add_argument(
+        "--ssl-imagenet-weights", type=Path, help="export of SSL from ImageNet (mt_ssl_imagenet)"
+    )
     args = parser.parse_args(own)
     try:
         runs = plan(
@@ -113,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.weights,
             args.imagenet_file,
             overrides,
+            args.ssl_imagenet_weights,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
