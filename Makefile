@@ -14,12 +14,27 @@ RUNS ?=
 REPORT ?= reports/compare
 DEMO_DATA ?= data/demo
 DEMO_RUNS ?= runs/demo
-DEMO_N ?= 600
+# The demo data: many images, few of them labeled (an honest SSL setting). Pretraining
+# reads every train image, fine-tuning only the labeled ones.
+DEMO_N ?= 2000
 DEMO_SIZE ?= 96
+DEMO_UNLABELED ?= 0.7
 QUICK := experiment=quick
+DEMO_FT := $(QUICK) schedule=demo
+DEMO_SSL := $(QUICK) schedule=demo_ssl
+# make study: arms x label fractions x seeds on the demo data (GPU-sized studies set
+# STUDY_DATA, STUDY_FT="", STUDY_SSL="experiment=seed_b4" ...).
+STUDY_DATA ?= $(DEMO_DATA)
+STUDY_DIR ?= runs/study
+STUDY_PRETRAIN ?= runs/study_pretrain
+STUDY_ARMS ?= mt mt_ssl
+STUDY_FRACTIONS ?= 0.05 0.25 1.0
+STUDY_SEEDS ?= 0 1 2
+STUDY_FT ?= $(DEMO_FT)
+STUDY_SSL ?= $(DEMO_SSL)
 
 .DEFAULT_GOAL := help
-.PHONY: help install data check preview pretrain finetune predict compare demo bench test test-all lint format clean
+.PHONY: help install data check preview pretrain finetune predict compare demo study probe bench test test-all lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -61,18 +76,30 @@ compare: $(STAMP) ## Compare runs: make compare RUNS="runs/finetune/mt/X runs/fi
 	$(PY) -m ssl_mt.compare $(RUNS) --out $(REPORT)
 
 $(DEMO_DATA)/labels.csv: | $(STAMP)
-	$(PY) -m ssl_mt.data generate --out $(DEMO_DATA) --n $(DEMO_N) --size $(DEMO_SIZE)
+	$(PY) -m ssl_mt.data generate --out $(DEMO_DATA) --n $(DEMO_N) --size $(DEMO_SIZE) \
+		--unlabeled-images $(DEMO_UNLABELED)
 
 demo: $(DEMO_DATA)/labels.csv ## Whole chain on synthetic data, quick profile: SSL pretrain, MT vs MT+SSL, report
 	rm -rf $(DEMO_RUNS)
-	$(PY) -m ssl_mt.pretrain $(QUICK) schedule=quick_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/pretrain $(ARGS)
-	$(PY) -m ssl_mt.finetune $(QUICK) experiment_name=mt data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt $(ARGS)
-	$(PY) -m ssl_mt.finetune $(QUICK) experiment_name=mt_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt_ssl \
+	$(PY) -m ssl_mt.pretrain $(DEMO_SSL) data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/pretrain $(ARGS)
+	$(PY) -m ssl_mt.finetune $(DEMO_FT) experiment_name=mt data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt $(ARGS)
+	$(PY) -m ssl_mt.finetune $(DEMO_FT) experiment_name=mt_ssl data.root=$(DEMO_DATA) hydra.run.dir=$(DEMO_RUNS)/mt_ssl \
 		backbone.weights=$(DEMO_RUNS)/pretrain/backbone $(ARGS)
 	$(PY) -m ssl_mt.compare $(DEMO_RUNS)/mt $(DEMO_RUNS)/mt_ssl --names MT MT+SSL --out $(DEMO_RUNS)/report
 	@echo
 	@echo "Demo finished. Report: $(DEMO_RUNS)/report/report.md (val_loss.png, train_loss.png);"
 	@echo "notebook: notebooks/compare_loss_curves.ipynb reads $(DEMO_RUNS)/mt and $(DEMO_RUNS)/mt_ssl."
+
+study: $(STUDY_DATA)/labels.csv ## Label efficiency: MT vs MT+SSL over label fractions x seeds, then the verdicts
+	$(PY) -m ssl_mt.pretrain $(STUDY_SSL) data.root=$(STUDY_DATA) hydra.run.dir=$(STUDY_PRETRAIN) $(ARGS)
+	$(PY) -m ssl_mt.study --out $(STUDY_DIR) --arms $(STUDY_ARMS) --fractions $(STUDY_FRACTIONS) \
+		--seeds $(STUDY_SEEDS) --weights $(STUDY_PRETRAIN)/backbone \
+		-- $(STUDY_FT) data.root=$(STUDY_DATA) $(ARGS)
+	$(PY) -m ssl_mt.compare study $(STUDY_DIR) --out $(STUDY_DIR)/report
+
+probe: $(STAMP) ## Frozen-backbone linear probe + kNN: make probe BACKBONES="RUN/backbone random:NAME" [DATA=...]
+	@test -n "$(BACKBONES)" || (echo 'usage: make probe BACKBONES="RUN/backbone random:test_efficientnet" DATA=root' >&2; exit 2)
+	$(PY) -m ssl_mt.probe $(BACKBONES) --data $(DATA) --out $(REPORT)/probe
 
 bench: $(STAMP) ## Throughput against the backbone ceiling: make bench ARGS="--device cuda --sizes 224 384"
 	$(PY) -m ssl_mt.bench $(ARGS)

@@ -1,7 +1,7 @@
 """The pretraining app end to end: a short SimCLR run learns, and its export loads anywhere.
 
 One real run (module fixture) on a dedicated synthetic dataset; its metrics.csv shows the
-loss falling and the kNN monitor above chance; its backbone/ folder loads in plain timm (local-dir:),
+loss falling and the kNN monitor next to its references; its backbone/ folder loads in plain timm (local-dir:),
 in a segmentation_models_pytorch encoder and through the fine-tuning network; the export
 command rebuilds the same file from last.ckpt. Bad configs fail before any training step.
 """
@@ -31,7 +31,7 @@ from tests.helpers import cause_chain, compose_app
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "test_efficientnet"
 EPOCHS = 4
-# Margin of the final kNN accuracy over chance (1 / number of classes).
+# Margin of the final kNN accuracy over 1 / number of classes.
 KNN_MARGIN = 0.1
 
 
@@ -103,27 +103,38 @@ def epoch_values(run_dir: Path, column: str) -> pd.Series:
 def test_loss_falls_and_views_are_told_apart_better(run_dir: Path):
     loss = epoch_values(run_dir, "train/loss")
     assert list(loss.index) == list(range(EPOCHS))
-    assert loss.iloc[-1] < loss.iloc[0] - 0.3, loss.to_dict()
+    # An epoch is 7 steps: compare the mean of the second half of the run with the first
+    # epoch, not two single noisy epochs.
+    assert loss.iloc[EPOCHS // 2 :].mean() < loss.iloc[0] - 0.3, loss.to_dict()
     top1 = epoch_values(run_dir, "train/contrastive_top1")
-    assert top1.iloc[-1] > top1.iloc[0], top1.to_dict()
+    assert top1.iloc[EPOCHS // 2 :].mean() > top1.iloc[0], top1.to_dict()
 
 
 @pytest.mark.slow
-def test_knn_accuracy_is_above_chance(run_dir: Path):
-    """The monitor runs every epoch on real data and ends clearly above chance.
+def test_knn_monitor_logs_the_random_backbone_and_the_majority_rate(run_dir: Path, knn_root: Path):
+    """The monitor runs every epoch, next to the two references its curve needs.
 
-    Honest scope: 30% of the images are irrelevant, so predicting the majority class alone
-    scores about 0.7, and after 28 optimiser steps SimCLR features are no better for kNN
-    than a randomly initialised backbone. This is not evidence of representation gains;
-    ``tests/models/test_simclr.py`` proves that the monitor scores what it is given.
+    ``knn/<task>/random`` is the backbone before the first step (one row, step 0) and
+    ``knn/<task>/majority`` the rate of always answering the bank's most frequent class:
+    30% of the images are irrelevant, so relevance scores about 0.7 with no features at all
+    (1/classes = 0.5 would flatter a backbone that learned nothing). After 28 optimiser steps
+    SimCLR features are no better for kNN than random ones; ``tests/models/test_simclr.py``
+    proves that the monitor scores what it is given.
     """
     accuracy = epoch_values(run_dir, "knn/relevance/top1")
-    chance = epoch_values(run_dir, "knn/relevance/chance")
     assert list(accuracy.index) == list(range(EPOCHS))  # measured every epoch
-    assert chance.iloc[-1] == pytest.approx(0.5)
-    assert accuracy.iloc[-1] > chance.iloc[-1] + KNN_MARGIN, accuracy.to_dict()
-    tone_chance = epoch_values(run_dir, "knn/tone/chance")
-    assert tone_chance.iloc[-1] == pytest.approx(0.1)
+    table = pd.read_csv(knn_root / "labels.csv")
+    for task in ("relevance", "tone"):
+        majority = epoch_values(run_dir, f"knn/{task}/majority")
+        bank = table[(table.split == "train") & table[task].notna()][task]
+        queries = table[(table.split == "val") & table[task].notna()][task]
+        expected = (queries == bank.value_counts().idxmax()).mean()
+        assert majority.iloc[-1] == pytest.approx(expected), task
+        frame = pd.read_csv(run_dir / "metrics.csv")
+        random = frame.dropna(subset=[f"knn/{task}/random"])
+        assert list(random["step"]) == [0], task  # once, before any step
+        assert 0.0 <= random[f"knn/{task}/random"].iloc[0] <= 1.0
+    assert accuracy.iloc[-1] > 0.5 + KNN_MARGIN, accuracy.to_dict()
 
 
 @pytest.mark.slow

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--irrelevant-fraction", type=float, default=0.15)
     generate.add_argument("--unlabeled-fraction", type=float, default=0.2)
     generate.add_argument("--val-fraction", type=float, default=0.15)
+    generate.add_argument(
+        "--unlabeled-images",
+        type=float,
+        default=0.0,
+        help="share of train images with no label at all (for SSL pretraining only)",
+    )
     generate.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     generate.set_defaults(run=_generate)
 
@@ -127,6 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
         irrelevant_fraction=args.irrelevant_fraction,
         unlabeled_fraction=args.unlabeled_fraction,
         val_fraction=args.val_fraction,
+        unlabeled_images=args.unlabeled_images,
         workers=args.workers,
     )
     print(f"wrote {args.n} images to {out} in {time.perf_counter() - start:.1f} s")

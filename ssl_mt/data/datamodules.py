@@ -9,6 +9,7 @@ ranks count every sample once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ssl_mt.data.datasets import (
     OnBadSample,
     collate_samples,
 )
+from ssl_mt.data.label_fraction import describe_counts, has_any_label, keep_label_fraction
 from ssl_mt.data.manifest import (
     MANIFEST_NAME,
     Sample,
@@ -40,6 +42,8 @@ from ssl_mt.data.transforms import (
 )
 from ssl_mt.schedule import ResolutionSchedule
 from ssl_mt.tasks import TaskSpec, parse_tasks
+
+log = logging.getLogger(__name__)
 
 
 class _LoaderSettings:
@@ -253,6 +257,11 @@ class MultiTaskDataModule(_StagedDataModule):
         lossy_mask_threshold: Grey level (0-255) from which such a mask is foreground.
         reduced_decoding: Decode JPEGs at 1/2, 1/4 or 1/8 scale when the stage's smallest
             crop still covers its output size (masks follow); False: always in full.
+        label_fraction: Share in (0, 1] of each task's labeled train samples to keep (see
+            :mod:`ssl_mt.data.label_fraction`); train images left without any label are
+            not fine-tuned on.
+        label_seed: Data seed of that subset; not the run seed, so every run and arm
+            sees the same labels.
     """
 
     def __init__(
@@ -274,8 +283,14 @@ class MultiTaskDataModule(_StagedDataModule):
         allow_lossy_masks: bool = False,
         lossy_mask_threshold: int = 128,
         reduced_decoding: bool = True,
+        label_fraction: float = 1.0,
+        label_seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 < float(label_fraction) <= 1.0:
+            raise ValueError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
+        self.label_fraction = float(label_fraction)
+        self.label_seed = int(label_seed)
         self.root = Path(root)
         self.tasks: list[TaskSpec] = parse_tasks(tasks)
         if not 0 < lossy_mask_threshold <= 255:
@@ -312,6 +327,14 @@ class MultiTaskDataModule(_StagedDataModule):
             refuse_lossy_masks(self.root, samples, self.tasks)
         for split in ("train", "val", "test"):
             self.samples[split] = [s for s in samples if s.split == split]
+        train, counts = keep_label_fraction(
+            self.samples["train"], self.tasks, self.label_fraction, self.label_seed, self.root
+        )
+        self.samples["train"] = [s for s in train if has_any_label(s)]
+        self.label_counts = counts
+        log.info(
+            describe_counts(self.label_fraction, counts, len(train) - len(self.samples["train"]))
+        )
         _require_split(self.samples["train"], "train", self.root)
         _require_split(self.samples["val"], "val", self.root)
 

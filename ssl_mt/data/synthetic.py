@@ -51,8 +51,17 @@ COLUMNS = ("image", "split", "skin_mask", "scalp_mask", "blur", "tone", "relevan
 LABEL_COLUMNS = COLUMNS[2:]
 JPEG_QUALITY = 95
 
-# Blur sigma ranges in pixels at 256 px; scaled linearly with the image size.
-BLUR_SIGMA = {"slight": (1.2, 1.8), "strong": (3.5, 5.0)}
+# Blur sigma ranges in pixels at 256 px; scaled linearly with the image size. Training
+# resizes images down (a 96 px image to 64 px, a crop of it to the training size), which
+# shrinks sigma with the image: "slight" must stay above ~0.7 px after that, or it cannot
+# be told from "sharp" (the resize interpolation itself blurs by about half a pixel).
+BLUR_SIGMA = {"slight": (3.0, 4.0), "strong": (7.0, 9.0)}
+# Hair darker or lighter than the skin by at least this much luma (0-255): a scalp that
+# shows through hair of its own colour is invisible, whatever a mask says.
+MIN_HAIR_CONTRAST = 45.0
+# Strands across the scalp-noise range u in [-1.5, 1.5] (face half axes): 24 makes a strand
+# ~2 px wide at 96 px (the hair texture keeps 96, finer than a pixel there).
+SCALP_STRANDS = 24
 
 HAIR_RGB = np.array(
     [
@@ -80,6 +89,7 @@ class _Settings:
     irrelevant_fraction: float
     unlabeled_fraction: float
     val_fraction: float
+    unlabeled_images: float
     digits: int
 
 
@@ -102,6 +112,7 @@ def generate_dataset(
     irrelevant_fraction: float = 0.15,
     unlabeled_fraction: float = 0.2,
     val_fraction: float = 0.15,
+    unlabeled_images: float = 0.0,
     workers: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -116,6 +127,9 @@ def generate_dataset(
             no skin/scalp mask, no tone).
         unlabeled_fraction: Share of label cells left empty, drawn independently per task.
         val_fraction: Share of images in the ``val`` split (the rest is ``train``).
+        unlabeled_images: Share of the ``train`` images with no label at all (every label
+            cell empty): images only self-supervised pretraining can use, as in a real
+            collection where few photos are annotated. ``val`` stays labeled.
         workers: Worker processes (0 = one per CPU core, 1 = in this process). They are
             spawned, so a script calling this needs the ``if __name__ == "__main__":``
             guard, as with DataLoader workers.
@@ -127,7 +141,9 @@ def generate_dataset(
     Raises:
         ValueError: An argument is out of range; the message names it.
     """
-    _validate(n, size, irrelevant_fraction, unlabeled_fraction, val_fraction, workers)
+    _validate(
+        n, size, irrelevant_fraction, unlabeled_fraction, val_fraction, unlabeled_images, workers
+    )
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -138,6 +154,7 @@ def generate_dataset(
         irrelevant_fraction=irrelevant_fraction,
         unlabeled_fraction=unlabeled_fraction,
         val_fraction=val_fraction,
+        unlabeled_images=unlabeled_images,
         digits=max(5, len(str(n - 1))),
     )
     rows = _parallel_map(
@@ -156,6 +173,7 @@ def _validate(
     irrelevant_fraction: float,
     unlabeled_fraction: float,
     val_fraction: float,
+    unlabeled_images: float,
     workers: int,
 ) -> None:
     if n < 1:
@@ -166,6 +184,7 @@ def _validate(
         "irrelevant_fraction": irrelevant_fraction,
         "unlabeled_fraction": unlabeled_fraction,
         "val_fraction": val_fraction,
+        "unlabeled_images": unlabeled_images,
     }
     for name, value in fractions.items():
         if not 0.0 <= value < 1.0:
@@ -213,6 +232,9 @@ def _write_sample(settings: _Settings, index: int) -> dict[str, str]:
         )
     )
     tone = int(rng.integers(len(TONE_CLASSES)))
+    image_only = split == "train" and bool(rng.random() < settings.unlabeled_images)
+    if image_only:
+        unlabeled = dict.fromkeys(LABEL_COLUMNS, True)
 
     image, labels = render_scene(rng, settings.size, tone if relevant else None)
     image = apply_blur(rng, image, blur)
@@ -394,23 +416,28 @@ def _hair_cap(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndar
 def _scalp(
     rng: np.random.Generator, u: np.ndarray, v: np.ndarray, cap: np.ndarray, head: _Head
 ) -> np.ndarray:
-    """Where skin shows through the hair: a parting, a thinning crown or a bald top."""
+    """Where skin shows through the hair: a parting, a thinning crown or a bald top.
+
+    Sizes are in units of the face half axes with a floor in pixels, and the strands that
+    cross a patch are at least ~2 px wide (``SCALP_STRANDS`` across the head), so the
+    region stays a learnable shape at 64-96 px instead of sub-pixel speckle.
+    """
     style = int(rng.integers(3))
-    strands = _strand_noise(rng, u, v)
-    if style == 0:  # parting, at least ~1.5 px wide
-        centre = rng.uniform(-0.5, 0.5)
-        half_width = max(rng.uniform(0.025, 0.045), 0.75 / head.a)
+    strands = _strand_noise(rng, u, v, bins=SCALP_STRANDS)
+    if style == 0:  # parting, at least ~3 px wide
+        centre = rng.uniform(-0.4, 0.4)
+        half_width = max(rng.uniform(0.07, 0.11), 1.5 / head.a)
         slope = rng.uniform(-0.15, 0.15)
         scalp = cap & (np.abs(u - centre - slope * (v + 0.6)) < half_width)
-    elif style == 1:  # thinning crown: the scalp shows between strands
+    elif style == 1:  # thinning crown: the scalp shows between a few strands
         patch = _ellipse(
-            u, v, rng.uniform(-0.25, 0.25), -0.85, rng.uniform(0.35, 0.55), rng.uniform(0.15, 0.25)
+            u, v, rng.uniform(-0.2, 0.2), -0.8, rng.uniform(0.4, 0.6), rng.uniform(0.2, 0.3)
         )
-        core = _ellipse(u, v, 0, -0.85, 0.2, 0.1)
-        scalp = cap & ((patch & (strands > rng.uniform(0.25, 0.45))) | core)
+        core = _ellipse(u, v, 0, -0.8, 0.25, 0.12)
+        scalp = cap & ((patch & (strands > rng.uniform(0.15, 0.3))) | core)
     else:  # bald top with sparse hair
-        patch = _ellipse(u, v, 0, -1.05, rng.uniform(0.5, 0.75), rng.uniform(0.3, 0.45))
-        scalp = cap & patch & (strands > 0.15)
+        patch = _ellipse(u, v, 0, -1.0, rng.uniform(0.55, 0.8), rng.uniform(0.3, 0.45))
+        scalp = cap & patch & (strands > 0.1)
     if not scalp.any():  # tiny images: keep at least the top of the head visible
         scalp = cap & _ellipse(u, v, 0, -0.95, 0.4, 0.15)
     if not scalp.any() and cap.any():
@@ -420,13 +447,28 @@ def _scalp(
     return scalp
 
 
-def _strand_noise(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1) that vary fast across strands (u) and slowly along them (v)."""
-    across = rng.random(96).astype(np.float32)
+def _strand_noise(
+    rng: np.random.Generator, u: np.ndarray, v: np.ndarray, bins: int = 96
+) -> np.ndarray:
+    """Values in [0, 1) that vary fast across strands (u: ``bins`` strands over the
+    head's width and more) and slowly along them (v)."""
+    across = rng.random(bins).astype(np.float32)
     along = rng.random(8).astype(np.float32)
-    iu = np.clip((u + 1.5) / 3.0 * 95, 0, 95).astype(np.int32)
+    iu = np.clip((u + 1.5) / 3.0 * (bins - 1), 0, bins - 1).astype(np.int32)
     iv = np.clip((v + 1.5) / 3.0 * 7, 0, 7).astype(np.int32)
     return (across[iu] * 0.8 + along[iv] * 0.2) % 1.0
+
+
+def _luma(rgb: np.ndarray) -> float:
+    return float(rgb @ np.array([0.299, 0.587, 0.114], np.float32))
+
+
+def _hair_colour(rng: np.random.Generator, skin: np.ndarray) -> np.ndarray:
+    """A hair colour at least ``MIN_HAIR_CONTRAST`` luma away from the skin (the scalp is
+    skin-coloured, so this is what makes it visible)."""
+    contrasted = [h for h in HAIR_RGB if abs(_luma(h) - _luma(skin)) >= MIN_HAIR_CONTRAST]
+    choices = contrasted or list(HAIR_RGB)
+    return choices[int(rng.integers(len(choices)))]
 
 
 def _paint_person(
@@ -448,7 +490,7 @@ def _paint_person(
     is_skin = (labels == SKIN) | (labels == SCALP)
     image[is_skin] = (skin * skin_shade)[is_skin]
 
-    hair = HAIR_RGB[int(rng.integers(len(HAIR_RGB)))]
+    hair = _hair_colour(rng, skin)
     strands = 0.7 + 0.6 * _strand_noise(rng, u, v)
     is_hair = (labels == HAIR) | (labels == BROW)
     image[is_hair] = (hair * (strands * light)[..., None])[is_hair]

@@ -150,6 +150,7 @@ class MomentumSSLModule(SSLModule):
         return self.momentum_schedule(self.trainer.global_step - 1, self.total_steps)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         # After a checkpoint restore: the schedule continues from the restored global_step.
         self._updated_at_step = self.trainer.global_step
         self._total_steps = None

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
@@ -167,10 +168,45 @@ class SSLModule(L.LightningModule):
         return list(getattr(datamodule, "knn_tasks", []))
 
     def on_validation_epoch_end(self) -> None:
+        for name, value in self._knn_scores("top1").items():
+            self.log(name, value, rank_zero_only=True)
+
+    def on_train_start(self) -> None:
+        """Scores the backbone as it is before the first step: ``knn/<task>/random``.
+
+        The reference the epoch curves (``knn/<task>/top1``) must beat to show that the
+        pretraining learned anything; logged once, at step 0 (a resumed run has it).
+        """
+        datamodule = self.trainer.datamodule
+        if self.global_step > 0 or not getattr(datamodule, "has_knn", False):
+            return
+        training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for index, loader in enumerate(datamodule.val_dataloader()):
+                    for batch_idx, batch in enumerate(loader):
+                        batch = move_data_to_device(batch, self.device)
+                        self.validation_step(batch, batch_idx, index)
+        finally:
+            self.train(training)
+        scores = self._knn_scores("random")
+        if self.trainer.is_global_zero and scores:
+            for logger in self.loggers:
+                logger.log_metrics({**scores, "epoch": 0}, step=0)
+
+    def _knn_scores(self, name: str) -> dict[str, float]:
+        """kNN top-1 (as ``knn/<task>/<name>``) and the majority-class rate of every kNN task.
+
+        ``knn/<task>/majority`` is the query accuracy of always answering the bank's most
+        frequent class: what a backbone that learned nothing scores on imbalanced classes.
+        Empties the feature buffers of the pass.
+        """
         bank_parts, query_parts = self._knn_features
+        scores: dict[str, float] = {}
         try:
             if not bank_parts or not query_parts:
-                return
+                return scores
             bank = self._gather(torch.cat(bank_parts))
             query = self._gather(torch.cat(query_parts))
             bank_labels = self._gather(torch.cat(self._knn_labels[0]))
@@ -180,20 +216,22 @@ class SSLModule(L.LightningModule):
                 in_query = query_labels[:, column] >= 0
                 if not in_bank.any() or not in_query.any():
                     continue
+                known = bank_labels[in_bank, column]
+                truth = query_labels[in_query, column]
                 predicted = knn_predict(
                     bank[in_bank],
-                    bank_labels[in_bank, column],
+                    known,
                     query[in_query],
                     task.num_classes,
                     k=int(self.knn_cfg.get("k", 20)),
                     temperature=float(self.knn_cfg.get("temperature", 0.07)),
                 )
-                accuracy = (predicted == query_labels[in_query, column]).float().mean()
-                self.log(f"knn/{task.name}/top1", accuracy, rank_zero_only=True)
-                chance = 1.0 / task.num_classes
-                self.log(f"knn/{task.name}/chance", chance, rank_zero_only=True)
+                majority = torch.bincount(known, minlength=task.num_classes).argmax()
+                scores[f"knn/{task.name}/{name}"] = float((predicted == truth).float().mean())
+                scores[f"knn/{task.name}/majority"] = float((truth == majority).float().mean())
+            return scores
         finally:
-            # Nothing survives the epoch: the monitor's memory is bounded by one pass.
+            # Nothing survives the pass: the monitor's memory is bounded by one pass.
             self._knn_features = [[], []]
             self._knn_labels = [[], []]
 

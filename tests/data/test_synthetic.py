@@ -130,6 +130,51 @@ def test_blur_labels_agree_with_the_pixels(fully_labeled: Path) -> None:
     assert means["sharp"] > means["slight"] > means["strong"]
 
 
+def test_scalp_regions_are_solid_shapes_not_speckle(fully_labeled: Path) -> None:
+    """At 96 px most scalp masks survive a 3x3 erosion: shapes a 64-96 px model can segment
+    (sub-pixel strands and 1-2 px partings vanish under it, and under the training resize)."""
+    kept = []
+    for row in _table(fully_labeled).itertuples():
+        scalp = read_mask(fully_labeled / row.scalp_mask)
+        eroded = cv2.erode(scalp, np.ones((3, 3), np.uint8))
+        kept.append((eroded > 0).sum() / max(1, (scalp > 0).sum()))
+    assert np.mean(np.array(kept) >= 0.3) >= 0.75, np.round(kept, 2)
+
+
+def test_blur_levels_stay_apart_after_the_training_resize(fully_labeled: Path) -> None:
+    """96 px images resized to 64 px (the demo's first stage): "slight" stays far from
+    "sharp" in high-frequency energy, so the blur head has something to learn."""
+    energy: dict[str, list[float]] = {"sharp": [], "slight": [], "strong": []}
+    for row in _table(fully_labeled).itertuples():
+        gray = cv2.cvtColor(read_image(fully_labeled / row.image), cv2.COLOR_RGB2GRAY)
+        small = cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA)
+        energy[row.blur].append(cv2.Laplacian(small, cv2.CV_64F).var())
+    median = {level: np.median(values) for level, values in energy.items()}
+    assert median["slight"] < 0.25 * median["sharp"], median
+    assert median["strong"] < 0.5 * median["slight"], median
+
+
+def test_unlabeled_images_have_no_label_at_all_and_only_in_train(tmp_path: Path) -> None:
+    root = generate_dataset(
+        tmp_path / "d",
+        n=200,
+        size=32,
+        seed=0,
+        unlabeled_fraction=0.0,
+        val_fraction=0.2,
+        unlabeled_images=0.6,
+        workers=1,
+        progress=False,
+    )
+    table = _table(root)
+    empty = (table[list(COLUMNS[2:])] == "").all(axis=1)
+    train = table["split"] == "train"
+    assert 0.45 < empty[train].mean() < 0.75
+    assert not empty[~train].any()  # val stays labeled: every run is scored on it
+    masked = {p.name.split("_")[0] for p in (root / "masks").iterdir()}
+    assert not masked & {Path(image).stem for image in table.loc[empty, "image"]}
+
+
 def test_unlabeled_fraction_is_roughly_respected(tmp_path: Path) -> None:
     root = generate_dataset(
         tmp_path / "d",
@@ -161,6 +206,7 @@ def test_unlabeled_fraction_is_roughly_respected(tmp_path: Path) -> None:
         ({"irrelevant_fraction": 1.0}, "irrelevant_fraction"),
         ({"unlabeled_fraction": -0.1}, "unlabeled_fraction"),
         ({"val_fraction": 1.5}, "val_fraction"),
+        ({"unlabeled_images": 1.0}, "unlabeled_images"),
     ],
 )
 def test_bad_arguments_raise(tmp_path: Path, kwargs: dict, name: str) -> None:

@@ -259,8 +259,10 @@ def test_knn_monitor_scores_the_features_it_is_given(synthetic_root: Path, tmp_p
     metrics = _knn_run(synthetic_root, tmp_path, right)
     assert metrics["knn/relevance/top1"] == 1.0
     assert metrics["knn/tone/top1"] == 1.0
-    assert metrics["knn/relevance/chance"] == pytest.approx(0.5)
-    assert metrics["knn/tone/chance"] == pytest.approx(0.1)
+    # Majority rate: the queries answered with the bank's most frequent class (tone 7: 12
+    # of 21 bank labels; relevance is a 12/12 tie, which goes to the lower index, 0).
+    assert metrics["knn/tone/majority"] == pytest.approx(6 / 10)
+    assert metrics["knn/relevance/majority"] == pytest.approx(8 / 14)
 
     wrong = _Labeled(
         dark=[{"tone": 7, "relevance": 1}] * 4 + [{"tone": -1, "relevance": 1}] * 4,
