@@ -10,11 +10,12 @@ Two sources of uncertainty, both in the interval:
 - **images**: the validation set is a sample of images. Every replicate draws image counts
   once and applies them to every arm and seed (a *paired* bootstrap: the arms are compared
   on the same resampled images, so what an image's difficulty adds to both cancels out);
-- **seeds**: each arm is a sample of training runs. With several seeds per arm a replicate
-  also resamples the seeds within each arm (independently per arm: seed ``k`` of one arm has
-  nothing to do with seed ``k`` of another). The resampled seed mean is widened by
-  ``sqrt(S / (S - 1))`` around the replicate's mean over seeds, the usual correction of the
-  bootstrap's ``(S - 1) / S`` shrinkage of a variance of S values, which matters with 3 seeds.
+- **seeds**: each arm is a sample of training runs. With several seeds per arm, the spread
+  of the per-seed metrics minus what image noise alone explains is each arm's variance
+  between runs (:func:`between_seed_variance`; resampling seeds on top of images would count
+  the image noise twice). Each replicate adds a zero-mean Student-t draw scaled to the
+  variance of the seed means, with Welch–Satterthwaite degrees of freedom: with 3 seeds the
+  between-run variance is known only roughly, and a normal draw would be too narrow.
 
 The interval is the percentile interval of the replicates. The verdict reads the interval
 with the metric's direction: never "better" or "worse" when the interval contains 0.
