@@ -190,7 +190,8 @@ class SSLModule(L.LightningModule):
                         self.validation_step(batch, batch_idx, index)
         finally:
             self.train(training)
-        scores = self._knn_scores("random")
+        # The majority rate is logged with every epoch's scores: only the random ones here.
+        scores = {k: v for k, v in self._knn_scores("random").items() if k.endswith("/random")}
         if self.trainer.is_global_zero and scores:
             for logger in self.loggers:
                 logger.log_metrics({**scores, "epoch": 0}, step=0)
