@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from ssl_mt.losses.info_nce import KeyQueue, batch_shuffle, batch_unshuffle
+from tests.gloo import gloo_group, spawn_gloo
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -28,12 +30,7 @@ def rank_keys(rank: int, step: int) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, WORLD + 1, is_master=False, timeout=STORE_TIMEOUT)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD, STORE_TIMEOUT):
         torch.manual_seed(0)  # the same random initial queue on both ranks, as seed_everything
         queue = KeyQueue(QUEUE, DIM)
         snapshots = []
@@ -54,22 +51,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             Path(out_dir) / f"rank{rank}.pt",
         )
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("moco_ddp")
     with pytest.MonkeyPatch.context() as patch:
         # The spawned processes import this module by name: make the repository importable.
         patch.syspath_prepend(str(ROOT))
-        # The store listens on a port the kernel picks (0) and holds it for the whole test.
-        store = dist.TCPStore("127.0.0.1", 0, WORLD + 1, is_master=True, wait_for_workers=False)
-        mp.spawn(_worker, args=(store.port, str(out)), nprocs=WORLD, join=True)
+        spawn_gloo(_worker, WORLD, str(out))
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from ssl_mt.losses import mim_loss
 from ssl_mt.losses.mim_loss import masked_reconstruction_loss, normalize_patches
+from tests.gloo import gloo_group, spawn_gloo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,12 +148,7 @@ def _rank_step(network, images, mask, rank: int) -> dict[str, torch.Tensor]:
 
 
 def _ddp_worker(rank: int, port: int, result_path: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, WORLD + 1, is_master=False, timeout=STORE_TIMEOUT)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD, STORE_TIMEOUT):
         network, images, mask = make_problem()
         global_mean = _rank_step(network, images, mask, rank)
         original = mim_loss._world
@@ -163,21 +160,15 @@ def _ddp_worker(rank: int, port: int, result_path: str) -> None:
         if rank == 0:
             torch.save({"global": global_mean, "local": local_mean}, result_path)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
 def test_ddp_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path, monkeypatch):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
     # The spawned processes import this module by name: make the repository importable.
     monkeypatch.syspath_prepend(str(ROOT))
-    store = dist.TCPStore("127.0.0.1", 0, WORLD + 1, is_master=True, wait_for_workers=False)
     result = tmp_path / "ranks.pt"
-    mp.spawn(_ddp_worker, args=(store.port, str(result)), nprocs=WORLD, join=True)
+    spawn_gloo(_ddp_worker, WORLD, str(result))
     ranks = torch.load(result)
 
     network, images, mask = make_problem()

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ssl_mt.losses import nt_xent
 from ssl_mt.losses.nt_xent import NTXentLoss, nt_xent_loss
+from tests.gloo import gloo_group, spawn_gloo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,12 +148,7 @@ def _rank_step(projection: torch.nn.Linear, x1, x2, rank: int) -> dict[str, torc
 
 
 def _ddp_worker(rank: int, port: int, result_path: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, WORLD + 1, is_master=False, timeout=STORE_TIMEOUT)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD, STORE_TIMEOUT):
         projection, x1, x2 = make_problem()
         with_grad = _rank_step(projection, x1, x2, rank)
         original = nt_xent.gather_with_grad
@@ -163,23 +160,15 @@ def _ddp_worker(rank: int, port: int, result_path: str) -> None:
         if rank == 0:
             torch.save({"with_grad": with_grad, "without_grad": without_grad}, result_path)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
 def test_ddp_gradients_equal_one_process_on_the_global_batch(tmp_path, monkeypatch):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
     # The spawned processes import this module by name: make the repository importable.
     monkeypatch.syspath_prepend(str(ROOT))
-    # The rendezvous store listens on a free port the kernel picks (port 0) and keeps it
-    # for the whole test: no window in which another process could take it.
-    store = dist.TCPStore("127.0.0.1", 0, WORLD + 1, is_master=True, wait_for_workers=False)
     result = tmp_path / "ranks.pt"
-    mp.spawn(_ddp_worker, args=(store.port, str(result)), nprocs=WORLD, join=True)
+    spawn_gloo(_ddp_worker, WORLD, str(result))
     ranks = torch.load(result)
 
     projection, x1, x2 = make_problem()
