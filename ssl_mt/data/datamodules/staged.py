@@ -1,0 +1,124 @@
+"""The staged base of both datamodules: one train loader per schedule stage, evaluation loaders.
+
+Both datamodules build their own :class:`~ssl_mt.data.datasets.EpochIndexSampler` (see
+:mod:`ssl_mt.data.loaders`), so Lightning keeps their loaders (and the persistent workers
+behind them) instead of re-wrapping them every epoch, and every sample's augmentation depends
+only on (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_mt.data.datasets import MultiTaskDataset
+from ssl_mt.data.loaders import LoaderSettings, resume_position, world_and_rank
+from ssl_mt.data.manifest import MANIFEST_NAME, Sample
+from ssl_mt.data.transforms import build_finetune_transform
+from ssl_mt.schedule import ResolutionSchedule
+from ssl_mt.tasks import TaskSpec
+
+
+def require_split(samples: Sequence[Sample], split: str, root: Path) -> None:
+    if not samples:
+        raise ValueError(
+            f"{root / MANIFEST_NAME}: no samples in split {split!r}; set the `split` column "
+            "or leave it out for an automatic split"
+        )
+
+
+class StagedDataModule(L.LightningDataModule):
+    """What both datamodules share: one train loader per schedule stage, kept for the whole
+    stage (so persistent workers live on), resumed at the right batch, and evaluation
+    loaders built once.
+
+    Subclasses set ``schedule``, ``settings``, ``seed``, ``on_bad_sample``,
+    ``reduced_decoding`` and implement
+    :meth:`train_dataset` and :attr:`num_train_samples`.
+    """
+
+    schedule: ResolutionSchedule
+    settings: LoaderSettings
+    lossy_mask_threshold: int | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train_loader: tuple[int, DataLoader] | None = None
+
+    @property
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    @property
+    def num_train_samples(self) -> int:
+        raise NotImplementedError
+
+    def train_dataset(self, stage_index: int) -> Dataset:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        """The loader of the current epoch's stage; the same object for a whole stage."""
+        index = self.schedule.index_at(self.current_epoch)
+        if self._train_loader is None or self._train_loader[0] != index:
+            self._train_loader = None  # let the previous stage's workers go first
+            stage = self.schedule.stages[index]
+            world, rank = world_and_rank(self)
+            loader = self.settings.loader(
+                self.train_dataset(index),
+                stage.batch_size,
+                shuffle=True,
+                drop_last=True,
+                world_size=world,
+                rank=rank,
+            )
+            if len(loader) == 0:
+                raise ValueError(
+                    f"{self.num_train_samples} training samples over {world} device(s) make "
+                    f"no full batch of {stage.batch_size}: lower the stage's batch_size"
+                )
+            self._train_loader = (index, loader)
+        return resume_position(self, self._train_loader[1])
+
+    def eval_loader(
+        self,
+        samples: Sequence[Sample],
+        tasks: Sequence[TaskSpec],
+        size: int,
+        unrepeated: bool = False,
+        split: str = "val",
+    ) -> DataLoader:
+        """A sequential (sharded under DDP) loader of labeled samples resized to ``size``.
+
+        ``unrepeated``: each sample on exactly one rank (metrics reduced over the ranks count
+        it once); otherwise DistributedSampler pads the shards to equal length with repeats
+        (what an ``all_gather`` of equal-sized tensors needs).
+        """
+        world, rank = world_and_rank(self)
+        if unrepeated and len(samples) < world:
+            # DDP broadcasts buffers at each rank's first evaluation forward: a rank without a
+            # batch would leave the others waiting.
+            raise ValueError(
+                f"{self.root / MANIFEST_NAME}: {len(samples)} samples in split {split!r} over "
+                f"{world} devices: every device needs at least one"
+            )
+        dataset = MultiTaskDataset(
+            samples,
+            tasks,
+            build_finetune_transform(self.augment, size, train=False),
+            self.seed,
+            self.on_bad_sample,
+            self.lossy_mask_threshold,
+            self.reduced_decoding,
+        )
+        return self.settings.loader(
+            dataset,
+            self.eval_batch_size,
+            shuffle=False,
+            drop_last=False,
+            world_size=world,
+            rank=rank,
+            unrepeated=unrepeated,
+        )
