@@ -2,8 +2,11 @@
 
 Modules:
 
-- :mod:`~ssl_mt.compare.runs`: reading run folders (``metrics.csv``, ``.hydra/config.yaml``,
-  evaluation records), Hydra multirun folders, arms (groups of seeds) and study layouts;
+- :mod:`~ssl_mt.compare.run`: reading one run folder (``metrics.csv``, ``.hydra/config.yaml``,
+  resolution switches), :mod:`~ssl_mt.compare.keys` the metric keys and their order;
+- :mod:`~ssl_mt.compare.arms`: arms (groups of seeds) and Hydra multirun folders;
+- :mod:`~ssl_mt.compare.records`: per-image evaluation records and the tasks they hold;
+- :mod:`~ssl_mt.compare.study_layout`: the ``<arm>/frac<PCT>/seed<S>/`` study folders;
 - :mod:`~ssl_mt.compare.statistics`: metrics from per-image records, the paired bootstrap
   over images with the variance between seeds, verdicts;
 - :mod:`~ssl_mt.compare.tables`: final/best metrics, jumps at the resolution switch, markdown;
@@ -16,6 +19,7 @@ Modules:
 The notebook ``notebooks/compare_loss_curves.ipynb`` calls the functions exported here.
 """
 
+from ssl_mt.compare.arms import Arm, load_arms
 from ssl_mt.compare.differences import (
     RecordsChoice,
     comparison_table,
@@ -38,19 +42,9 @@ from ssl_mt.compare.report import (
     write_report,
     write_study,
 )
-from ssl_mt.compare.runs import (
-    Arm,
-    CompareError,
-    Run,
-    StudyCell,
-    Switch,
-    load_arms,
-    load_run,
-    load_runs,
-    load_study,
-    unique_names,
-)
+from ssl_mt.compare.run import CompareError, Run, Switch, load_run, load_runs, unique_names
 from ssl_mt.compare.statistics import BootstrapSettings, compare_arms, verdict
+from ssl_mt.compare.study_layout import StudyCell, load_study
 from ssl_mt.compare.tables import jump_table, summary_table
 
 __all__ = [

@@ -21,8 +21,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ssl_mt.compare.arms import load_arms, parse_arm
 from ssl_mt.compare.report import load_choice, verdict_text, write_comparison, write_study
-from ssl_mt.compare.runs import EXIT_ERROR, CompareError, load_arms, load_study, parse_arm
+from ssl_mt.compare.run import EXIT_ERROR, CompareError
+from ssl_mt.compare.study_layout import load_study
 from ssl_mt.evaluation.records import CHECKPOINTS
 
 STUDY = "study"

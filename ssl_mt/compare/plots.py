@@ -15,7 +15,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import Formatter, FuncFormatter
 
-from ssl_mt.compare.runs import GLOBAL, LOSS, Arm, Run, _all_tasks, _sorted_sizes, as_arms
+from ssl_mt.compare.arms import Arm, as_arms
+from ssl_mt.compare.keys import GLOBAL, LOSS, _all_tasks, _sorted_sizes
+from ssl_mt.compare.run import Run
 from ssl_mt.compare.statistics import BETTER, NO_DIFFERENCE, WORSE, is_score
 
 RUN_STYLES = ("-", "--", ":", "-.")

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ssl_mt.compare.arms import Arm, as_arms
 from ssl_mt.compare.differences import (
     RecordsChoice,
     arm_records,
@@ -25,8 +26,9 @@ from ssl_mt.compare.plots import (
     plot_val_losses,
     save_figure,
 )
-from ssl_mt.compare.runs import Arm, Run, StudyCell, as_arms
+from ssl_mt.compare.run import Run
 from ssl_mt.compare.statistics import BootstrapSettings
+from ssl_mt.compare.study_layout import StudyCell
 from ssl_mt.compare.tables import (
     _jump_verdicts,
     _metric_column,

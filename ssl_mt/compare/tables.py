@@ -10,14 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ssl_mt.compare.runs import (
-    GLOBAL,
-    LOSS,
-    Run,
-    _all_tasks,
-    _size_key,
-    common_keys,
-)
+from ssl_mt.compare.keys import GLOBAL, LOSS, _all_tasks, _size_key
+from ssl_mt.compare.run import Run, common_keys
 from ssl_mt.compare.statistics import (
     is_score,
 )

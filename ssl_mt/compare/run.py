@@ -1,32 +1,34 @@
-"""Reading fine-tuning runs: ``metrics.csv``, ``.hydra/config.yaml``, evaluation records.
+"""Reading one fine-tuning run: ``metrics.csv``, ``.hydra/config.yaml``, resolution switches.
 
-A run is a folder written by ``python -m ssl_mt.finetune``; a Hydra multirun folder (numbered
-subfolders, each a run) stands for all its runs. An *arm* is a group of runs of one setup
-with different seeds. Conventions: epochs are the 0-based ``epoch`` column of
-``metrics.csv``; a switch at epoch ``e`` means that epoch ``e`` is the first one trained at
-the new size.
+A run is a folder written by ``python -m ssl_mt.finetune``. Conventions: epochs are the
+0-based ``epoch`` column of ``metrics.csv``; a switch at epoch ``e`` means that epoch ``e`` is
+the first one trained at the new size. Arms of runs are in :mod:`ssl_mt.compare.arms`,
+evaluation records in :mod:`ssl_mt.compare.records`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ssl_mt.evaluation.records import RECORDS_DIR, RecordsError, read_records
-
-log = logging.getLogger(__name__)
+from ssl_mt.compare.keys import (
+    LOSS,
+    _is_val_key,
+    _metric_rank,
+    _order_tasks,
+    _select,
+    _size_key,
+    _sorted_sizes,
+    parse_val_key,
+    val_key,
+)
 
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
-GLOBAL = "global"
-LOSS = "loss"
-# Row order of the tables: the scores in this order, then any other metric, then the loss.
-METRIC_ORDER = ("iou", "dice", "top1", "top5", "f1")
 EXIT_ERROR = 2
 
 
@@ -104,28 +106,6 @@ class Run:
         if key not in self.train.columns:
             return pd.Series(dtype=float)
         return self.train[key].dropna()
-
-
-# -- loading ---------------------------------------------------------------------------------
-def val_key(size: int | str, task: str, metric: str) -> str:
-    return f"val/{size}/{task}/{metric}"
-
-
-def parse_val_key(key: str) -> tuple[int | str, str, str]:
-    """``val/224/skin/iou`` -> ``(224, "skin", "iou")``."""
-    parts = key.split("/")
-    if len(parts) != 4 or parts[0] != "val":
-        raise ValueError(f"not a per-resolution validation key: {key!r}")
-    size = int(parts[1]) if parts[1].isdigit() else parts[1]
-    return size, parts[2], parts[3]
-
-
-def _is_val_key(key: str) -> bool:
-    try:
-        parse_val_key(key)
-    except ValueError:
-        return False
-    return True
 
 
 def find_metrics_file(path: str | Path) -> Path:
@@ -222,15 +202,6 @@ def switches_from_stages(stages: Any) -> list[Switch]:
     return switches
 
 
-def _select(config: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def load_run(path: str | Path, name: str | None = None) -> Run:
     """Loads one run directory.
 
@@ -321,234 +292,3 @@ def common_keys(runs: Sequence[Run]) -> list[tuple[int | str, str, str]]:
         keys,
         key=lambda k: (_size_key(k[0]), tasks.index(k[1]), _metric_rank(k[2])),
     )
-
-
-def _size_key(size: int | str) -> tuple[int, int | str]:
-    return (0, size) if isinstance(size, int) else (1, str(size))
-
-
-def _sorted_sizes(sizes: Iterable[int | str]) -> list[int | str]:
-    return sorted(set(sizes), key=_size_key)
-
-
-def _metric_rank(metric: str) -> tuple[int, str]:
-    if metric in METRIC_ORDER:
-        return (METRIC_ORDER.index(metric), metric)
-    if metric == LOSS:
-        return (len(METRIC_ORDER) + 1, metric)
-    return (len(METRIC_ORDER), metric)
-
-
-def _order_tasks(tasks: Iterable[str], config: Mapping[str, Any] | None = None) -> list[str]:
-    tasks = set(tasks)
-    declared = _select(config or {}, "tasks")
-    order = [t for t in (declared or {}) if t in tasks and t != GLOBAL]
-    order += sorted(tasks - set(order) - {GLOBAL})
-    return order + ([GLOBAL] if GLOBAL in tasks else [])
-
-
-def _all_tasks(runs: Sequence[Run], keys: Iterable[str]) -> list[str]:
-    config = runs[0].config if runs else {}
-    return _order_tasks(keys, config)
-
-
-# -- arms, multirun folders, evaluation records ----------------------------------------------------
-@dataclass
-class Arm:
-    """A group of runs of one setup (seeds).
-
-    Attributes:
-        name: Display name.
-        runs: The runs (at least one).
-    """
-
-    name: str
-    runs: list[Run]
-
-    @property
-    def seeds(self) -> int:
-        return len(self.runs)
-
-
-def as_arms(items: Sequence[Run | Arm]) -> list[Arm]:
-    """Arms as given; a single run is an arm of one run with the run's name."""
-    return [item if isinstance(item, Arm) else Arm(item.name, [item]) for item in items]
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / METRICS_FILE).is_file() or (path / RECORDS_DIR).is_dir()
-
-
-def multirun_members(path: Path) -> list[Path]:
-    """The runs of a Hydra multirun folder (numbered subfolders), in number order; else []."""
-    if not path.is_dir() or is_run_dir(path):
-        return []
-    numbered = [p for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted((p for p in numbered if is_run_dir(p)), key=lambda p: int(p.name))
-
-
-def expand_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run folders: each path itself, or every run of a multirun folder."""
-    expanded: list[Path] = []
-    for path in map(Path, paths):
-        members = multirun_members(path)
-        expanded += members if members else [path]
-    return expanded
-
-
-def parse_arm(spec: str) -> tuple[str, list[Path]]:
-    """``NAME=DIR[,DIR...]`` → ``(NAME, [DIR, ...])`` (a DIR may be a multirun folder)."""
-    name, sep, folders = spec.partition("=")
-    paths = [p for p in folders.split(",") if p.strip()]
-    if not sep or not name.strip() or not paths:
-        raise CompareError(f"--arm {spec!r}: expected NAME=RUN_DIR[,RUN_DIR...]")
-    return name.strip(), [Path(p.strip()) for p in paths]
-
-
-def load_arms(specs: Sequence[tuple[str | None, Sequence[str | Path]]]) -> list[Arm]:
-    """Loads arms given as ``(name or None, [run or multirun folder, ...])``.
-
-    An arm without a name is named after its first run (unique among the arms). Its runs are
-    named ``<arm>`` (one run) or ``<arm>#<k>`` (several), k from 1.
-
-    Raises:
-        CompareError: See :func:`load_run`; also no arm, an arm without runs, or no
-            validation metric common to every run.
-    """
-    if not specs:
-        raise CompareError("no run directory given")
-    arms = []
-    for name, paths in specs:
-        folders = expand_runs(paths)
-        if not folders:
-            raise CompareError(f"arm {name!r}: no run folder given")
-        runs = [load_run(p) for p in folders]
-        arms.append(Arm(name if name is not None else runs[0].name, runs))
-    for arm, name in zip(arms, unique_names(a.name for a in arms), strict=True):
-        arm.name = name
-        for k, run in enumerate(arm.runs, start=1):
-            run.name = name if arm.seeds == 1 else f"{name}#{k}"
-    common_keys([run for arm in arms for run in arm.runs])
-    return arms
-
-
-def load_records(run_dir: Path, checkpoint: str, split: str) -> dict[int, pd.DataFrame]:
-    """A run's evaluation records of one checkpoint and split, by eval size ({} when none).
-
-    Raises:
-        CompareError: A records file is unreadable (the message names it).
-    """
-    folder = Path(run_dir) / RECORDS_DIR / checkpoint
-    records = {}
-    for path in sorted(folder.glob(f"{split}_*.csv.gz")):
-        size = path.name[len(split) + 1 : -len(".csv.gz")]
-        if not size.isdigit():
-            continue
-        try:
-            records[int(size)] = read_records(path)
-        except RecordsError as error:
-            raise CompareError(str(error)) from error
-    return records
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What the statistics need to know of a task.
-
-    Attributes:
-        name: Task name.
-        kind: ``segmentation`` or ``classification``.
-        metrics: Metrics to compare, the main one first, ``loss`` last.
-        num_classes: Classes (classification; from the config, else the records).
-    """
-
-    name: str
-    kind: str
-    metrics: tuple[str, ...]
-    num_classes: int = 0
-
-    @property
-    def main_metric(self) -> str:
-        return self.metrics[0]
-
-
-def task_infos(config: Mapping[str, Any], records: Iterable[pd.DataFrame]) -> list[TaskInfo]:
-    """Tasks of the records, in the config's order, with the config's metrics when it has
-    them (segmentation: IoU, Dice; classification: top-1, top-5 with > 5 classes, F1)."""
-    tables = list(records)
-    if not tables:
-        return []
-    table = pd.concat(tables, ignore_index=True)
-    declared = _select(config, "tasks") or {}
-    names = _order_tasks(set(table["task"]), config)
-    infos = []
-    for name in names:
-        rows = table[table["task"] == name]
-        spec = declared.get(name) if isinstance(declared, Mapping) else None
-        segmentation = rows["tp"].notna().all()
-        if segmentation:
-            wanted = list((spec or {}).get("metrics") or ("iou", "dice"))
-            infos.append(TaskInfo(name, "segmentation", (*wanted, LOSS)))
-            continue
-        classes = len((spec or {}).get("classes") or ())
-        largest = int(max(rows["target"].max(), rows["pred"].max()))
-        classes = max(classes, largest + 1)
-        wanted = list((spec or {}).get("metrics") or ("top1", "top5", "f1"))
-        if "top5" in wanted and (classes <= 5 or rows["top5"].isna().any()):
-            wanted.remove("top5")
-        infos.append(TaskInfo(name, "classification", (*wanted, LOSS), classes))
-    return infos
-
-
-# -- label-efficiency studies ----------------------------------------------------------------------
-@dataclass
-class StudyCell:
-    """The seeds of one arm at one label fraction.
-
-    Attributes:
-        arm: Arm name (the folder name).
-        fraction: Label fraction in percent.
-        runs: Seed folders (``seed<S>``), in seed order.
-    """
-
-    arm: str
-    fraction: float
-    runs: list[Path] = field(default_factory=list)
-
-
-def load_study(study_dir: str | Path) -> list[StudyCell]:
-    """The cells of ``STUDY_DIR/<arm>/frac<PCT>/seed<S>/`` (PCT: label fraction in percent).
-
-    Raises:
-        CompareError: No such folder, or no ``<arm>/frac<PCT>/seed<S>`` run below it, or a
-            ``frac``/``seed`` folder whose name does not parse (named).
-    """
-    root = Path(study_dir)
-    if not root.is_dir():
-        raise CompareError(f"{root}: no such study folder")
-    cells = []
-    for arm_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for frac_dir in sorted(p for p in arm_dir.iterdir() if p.is_dir()):
-            if not frac_dir.name.startswith("frac"):
-                continue
-            try:
-                fraction = float(frac_dir.name[len("frac") :])
-            except ValueError:
-                raise CompareError(
-                    f"{frac_dir}: expected frac<PCT> (label fraction in percent, e.g. frac025)"
-                ) from None
-            seeds = []
-            for seed_dir in frac_dir.iterdir():
-                if not seed_dir.is_dir():
-                    continue
-                number = seed_dir.name[len("seed") :]
-                if not seed_dir.name.startswith("seed") or not number.isdigit():
-                    raise CompareError(f"{seed_dir}: expected seed<S> (e.g. seed0)")
-                seeds.append((int(number), seed_dir))
-            if seeds:
-                cells.append(StudyCell(arm_dir.name, fraction, [p for _, p in sorted(seeds)]))
-    if not cells:
-        raise CompareError(
-            f"{root}: no runs laid out as <arm>/frac<PCT>/seed<S>/ (e.g. mt/frac005/seed0)"
-        )
-    return cells
