@@ -21,7 +21,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssl_mt.compare.report import load_choice, verdict_text, write_comparison, write_study
+from ssl_mt.compare.report import (
+    load_choice,
+    study_summary_text,
+    verdict_text,
+    write_comparison,
+    write_study,
+)
 from ssl_mt.compare.runs import EXIT_ERROR, CompareError, load_arms, load_study, parse_arm
 from ssl_mt.evaluation.records import CHECKPOINTS
 
@@ -147,11 +153,12 @@ def run_study(argv: Sequence[str]) -> int:
     args = _study_parser().parse_args(argv)
     try:
         choice = _choice(args)
-        paths, _ = write_study(load_study(args.study), args.out, choice, args.reference)
+        paths, table = write_study(load_study(args.study), args.out, choice, args.reference)
     except (CompareError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    print(paths["report"].read_text(encoding="utf-8"))
+    print(study_summary_text(table, choice).removeprefix("## "))
+    print()
     print(f"study: {paths['report']}")
     print(f"  figure: {paths['figure']}")
     print(f"  table: {paths['table']}")
