@@ -15,6 +15,7 @@ import pytest
 
 from ssl_mt.bench import (
     DATA_ROWS,
+    DECODE_ROW,
     ROW_NAMES,
     STEP_ROWS,
     BenchSettings,
@@ -45,7 +46,19 @@ def tiny(**overrides) -> BenchSettings:
 
 
 def check_rows(rows: list[dict], names: tuple[str, ...], sizes: list[int]) -> None:
-    """Every requested row at every size, with finite positive rates and ratios."""
+    """Every requested row at every size, with finite positive rates and ratios; the decode
+    rows once, at every JPEG scale."""
+    decode = [r for r in rows if r["row"] == DECODE_ROW]
+    rows = [r for r in rows if r["row"] != DECODE_ROW]
+    if DECODE_ROW in names:
+        assert [r["decoding"] for r in decode] == ["full", "1/2", "1/4", "1/8"]
+        assert all(r["size"] is None and r["images_per_s"] > 0 for r in decode)
+        assert decode[0]["vs_full"] == 1.0
+        for r in decode:
+            assert r["vs_full"] == pytest.approx(r["images_per_s"] / decode[0]["images_per_s"])
+    else:
+        assert not decode
+    names = tuple(n for n in names if n != DECODE_ROW)
     assert {(r["row"], r["size"]) for r in rows} == {(n, s) for n in names for s in sizes}
     for r in rows:
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0, r
@@ -129,7 +142,7 @@ def test_cli_writes_table_and_json(synthetic_root: Path, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
 
     result = json.loads(out.read_text())
-    names = ("ceiling", "simclr", "mt_e2e", *DATA_ROWS)
+    names = ("ceiling", "simclr", "mt_e2e", *DATA_ROWS, DECODE_ROW)
     data_rows = [r for r in result["rows"] if r["row"] in DATA_ROWS]
     assert sorted({r["workers"] for r in data_rows}) == [0, 1]  # data rows at each count
     assert len(data_rows) == 2 * len(DATA_ROWS) * len(SIZES)
@@ -171,7 +184,9 @@ def test_camera_size_photos_full_and_reduced_rows() -> None:
         "camera-size synthetic: 5 JPEGs of 320x240 px (noise 4"
     )
     rows = {(r["row"], r["decoding"]): r for r in result["rows"]}
+    decode = {d: rows.pop((DECODE_ROW, d)) for d in ("full", "1/2", "1/4", "1/8")}
     assert set(rows) == {(n, d) for n in DATA_ROWS for d in ("reduced", "full")}
+    assert decode["1/8"]["vs_full"] > 1  # a 1/8 decode of a 320x240 JPEG does less work
     for name in DATA_ROWS:
         reduced, full = rows[(name, "reduced")], rows[(name, "full")]
         assert reduced["vs_full"] == pytest.approx(reduced["images_per_s"] / full["images_per_s"])
@@ -179,7 +194,7 @@ def test_camera_size_photos_full_and_reduced_rows() -> None:
 
 def test_only_and_bad_arguments() -> None:
     assert parse_only(None) == list(ROW_NAMES)
-    assert parse_only(["ceiling, data", "mt"]) == ["ceiling", "mt", *DATA_ROWS]
+    assert parse_only(["ceiling, data", "mt"]) == ["ceiling", "mt", *DATA_ROWS, DECODE_ROW]
     with pytest.raises(ValueError, match="unknown row"):
         parse_only(["ceilling"])
     with pytest.raises(ValueError, match="one value per size"):

@@ -576,7 +576,10 @@ def test_cli_arms_of_seeds_print_the_verdict(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     stdout = result.stdout
-    assert "Verdict per task (val @ 96 px" in stdout and "seeds: MT 3, MT+SSL 3" in stdout
+    assert (
+        "Verdict per task (96 px, main metric; val/best" in stdout
+        and "seeds: MT 3, MT+SSL 3" in stdout
+    )
     lines = {
         line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")
     }
@@ -652,7 +655,20 @@ def test_study_draws_label_efficiency(capsys: pytest.CaptureFixture, tmp_path: P
     assert result.returncode == 0, result.stderr
     text = (out / "study.md").read_text(encoding="utf-8")
     assert "![label efficiency](study.png)" in text
-    assert "## skin: IoU ↑ @ 64 px (120 images)" in text
+    assert "### skin: IoU ↑ @ 64 px (120 images)" in text
+    # the verdicts open the report and are what the command prints: main metrics only
+    summary = text.split("## Every metric and eval size")[0]
+    assert "## Verdict per task and label fraction (64 px, main metric; val/best" in summary
+    assert "seeds: mt 2, imagenet 2, mt_ssl 2" in summary
+    rows = [line.split("|")[1:-1] for line in summary.splitlines() if line.startswith("| ")]
+    cells = {(r[0].strip(), r[2].strip(), r[4].strip()): r[-1].strip() for r in rows[1:]}
+    assert cells[("skin", "5%", "mt_ssl")] == "better"
+    assert cells[("skin", "100%", "mt_ssl")] == "no detectable difference"
+    assert ("skin", "5%", "imagenet") in cells and ("skin", "25%", "imagenet") not in cells
+    assert {r[1].strip() for r in rows[1:] if r[0].strip() == "skin"} == {"IoU ↑"}
+    assert {r[1].strip() for r in rows[1:] if r[0].strip() == "global"} == {"loss ↓"}
+    assert "Verdict per task and label fraction" in result.stdout
+    assert "### skin" not in result.stdout
     table = pd.read_csv(out / "study.csv")
     assert sorted(table["fraction"].unique()) == [5.0, 25.0, 100.0]
     assert (table["reference"] == "mt").all()

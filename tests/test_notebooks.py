@@ -122,7 +122,7 @@ def test_compare_notebook_runs(
     nb = execute(COMPARE_NB, this_python_kernel)
     assert len(outputs_of(nb, "image/png")) >= 3  # validation, training, differences
     markdown = "\n".join(outputs_of(nb, "text/markdown"))
-    assert "Verdict per task (val @ 96 px" in markdown
+    assert "Verdict per task (96 px, main metric; val/best" in markdown
     assert "| skin | IoU ↑ |" in markdown and "| better |" in markdown
     assert "Jump of the validation loss at the resolution switch" in markdown
     assert "| 1: 64→96 px | 64 | global | +0.3750 | +0.1875 | -0.1875 |" in markdown

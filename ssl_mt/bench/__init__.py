@@ -16,7 +16,9 @@ own code (no Trainer) and prints a table (``--out FILE.json`` writes the same as
 - ``mt_e2e``: the same step fed by the real :class:`~ssl_mt.data.datamodules.MultiTaskDataModule`;
 - ``data_ssl`` / ``data_mt``: the two loaders alone (no model), per worker count, and the
   worker count that keeps the measured step fed: ceil(step images/s ÷ images/s per worker),
-  with reduced and with full JPEG decoding (``--decoding``) and their ratio.
+  with reduced and with full JPEG decoding (``--decoding``) and their ratio;
+- ``decode``: decoding alone of the training JPEGs at full, 1/2, 1/4 and 1/8 scale, one
+  thread (:mod:`ssl_mt.bench.decoding`): the bound of the data rows' reduced/full ratio.
 
 Every workload is built as the apps build it (:mod:`ssl_mt.bench.workloads`: the composed
 ``pretrain`` / ``finetune`` config, their ``build_module`` and datamodule). ``--camera N``
@@ -43,6 +45,7 @@ from ssl_mt.bench.measurement import Bench, Row, fill_ratios, run_bench
 from ssl_mt.bench.report import format_table
 from ssl_mt.bench.settings import (
     DATA_ROWS,
+    DECODE_ROW,
     DECODINGS,
     ONLY_CHOICES,
     ROW_NAMES,
@@ -53,6 +56,7 @@ from ssl_mt.bench.settings import (
 
 __all__ = [
     "DATA_ROWS",
+    "DECODE_ROW",
     "DECODINGS",
     "ONLY_CHOICES",
     "ROW_NAMES",

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ssl_mt.bench.settings import DATA_ROWS, BenchSettings
+from ssl_mt.bench.settings import DATA_ROWS, DECODE_ROW, BenchSettings
 from ssl_mt.data.image_io import write_png
 from ssl_mt.data.manifest import read_table
 from ssl_mt.data.synthetic import generate_dataset
@@ -83,7 +83,7 @@ def generate_camera_dataset(
 def bench_dataset(s: BenchSettings, stack: contextlib.ExitStack) -> tuple[Path | None, str]:
     """The dataset root the loader rows read (generated into a temporary directory when
     ``--data`` is not given) and its description."""
-    if not {"simclr_e2e", "mt_e2e", *DATA_ROWS} & set(s.only):
+    if not {"simclr_e2e", "mt_e2e", *DATA_ROWS, DECODE_ROW} & set(s.only):
         return None, "-"
     if s.data is not None:
         root = Path(s.data)

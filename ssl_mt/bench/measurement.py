@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from ssl_mt.bench.datasets import bench_dataset
+from ssl_mt.bench.decoding import decode_rates, jpeg_files, mean_file_mib, scale_label
 from ssl_mt.bench.instruments import PeakMemory, WindowTimer, to_device
 from ssl_mt.bench.report import environment
-from ssl_mt.bench.settings import DATA_ROWS, FEEDS, STEP_ROWS, BenchSettings
+from ssl_mt.bench.settings import DATA_ROWS, DECODE_ROW, FEEDS, STEP_ROWS, BenchSettings
 from ssl_mt.bench.workloads import (
     CEILING_CLASSES,
     Workbench,
@@ -28,8 +29,12 @@ from ssl_mt.bench.workloads import (
     build_unet,
     random_mt_batch,
     tasks_of,
+    train_images,
     train_loader,
 )
+
+# JPEGs the decode rows time (the first of the training images).
+DECODE_IMAGES = 32
 
 
 @dataclass
@@ -40,11 +45,12 @@ class Row:
     ``data_ssl``). ``ratio`` is ``images_per_s`` over the ceiling's at the same size.
     ``data_wait`` is the share of the timed wall time spent blocked in ``next(loader)``.
     ``decoding`` is the JPEG decoding of a loader-fed row; ``vs_full`` a reduced data row's
-    rate over the full-decoding one; ``vs_unet`` a multi-task row's over the plain U-Net's.
+    rate over the full-decoding one (for a decode row: its scale's decoding rate over full
+    decoding's); ``vs_unet`` a multi-task row's over the plain U-Net's.
     """
 
     row: str
-    size: int
+    size: int | None  # None: a decode row (the same for every size)
     batch: int
     images_per_step: int
     images_per_s: float
@@ -177,6 +183,8 @@ class Bench:
     def run(self) -> list[Row]:
         for size, batch in zip(self.s.sizes, self.s.batch_sizes, strict=True):
             self._size(size, batch)
+        if DECODE_ROW in self.s.only:
+            self._decode_rows()
         fill_ratios(self.rows)
         return self.rows
 
@@ -349,6 +357,30 @@ class Bench:
             row.extra["pairs_per_s"] = rate / 2
             row.extra["pairs_per_s_per_worker"] = rate / 2 / max(1, workers)
         self.rows.append(row)
+
+    def _decode_rows(self) -> None:
+        paths = jpeg_files(train_images(self.s, self._root()), DECODE_IMAGES)
+        if not paths:
+            self.log("decode rows: the dataset has no JPEGs, nothing to measure")
+            return
+        self.log(f"decode rows: {len(paths)} JPEGs at full, 1/2, 1/4 and 1/8 scale")
+        rates = decode_rates(paths, passes=max(1, self.s.steps // len(paths)))
+        for factor, rate in rates.items():
+            row = Row(
+                row=DECODE_ROW,
+                size=None,
+                batch=1,
+                images_per_step=1,
+                images_per_s=rate,
+                step_ms=1000.0 / rate,
+                steps=len(paths),
+                workers=1,
+                images_per_s_per_worker=rate,
+                decoding=scale_label(factor),
+                vs_full=rate / rates[1],
+            )
+            row.extra["file_mib"] = mean_file_mib(paths)
+            self.rows.append(row)
 
 
 def fill_ratios(rows: list[Row]) -> None:

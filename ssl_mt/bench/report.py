@@ -112,6 +112,8 @@ def describe(meta: Mapping[str, Any]) -> list[str]:
         "unet = plain smp U-Net step (same encoder, decoder widths, seg outputs; BCE), x unet ="
         " img/s / unet img/s; decoding = JPEG decoding of loader rows (reduced: smallest DCT"
         " scale the crop allows), x full = reduced img/s / full img/s.",
+        "decode = OpenCV decoding alone of the training JPEGs at each DCT scale, one thread:"
+        " entropy decoding of the whole file is not scaled, so its x full bounds the data rows'.",
     ]
 
 

@@ -11,8 +11,11 @@ import torch
 
 STEP_ROWS = ("ceiling", "simclr", "simclr_e2e", "unet", "mt", "mt_e2e")
 DATA_ROWS = ("data_ssl", "data_mt")
-ROW_NAMES = (*STEP_ROWS, *DATA_ROWS)
-ONLY_CHOICES = (*STEP_ROWS, "data", *DATA_ROWS)
+# Decoding alone at each JPEG scale, once for the dataset (not per size): the bound of the
+# data rows' reduced-over-full ratio.
+DECODE_ROW = "decode"
+ROW_NAMES = (*STEP_ROWS, *DATA_ROWS, DECODE_ROW)
+ONLY_CHOICES = (*STEP_ROWS, "data", *DATA_ROWS, DECODE_ROW)
 PRECISIONS = ("bf16-mixed", "16-mixed", "32-true")
 DECODINGS = ("reduced", "full")
 # Which measured step each data pipeline has to feed (first one measured wins).
@@ -40,7 +43,7 @@ class BenchSettings:
         synthetic_n: Images of the generated dataset (default: enough for one pass).
         synthetic_size: Side of the generated images (default: the largest size).
         device: ``auto``, ``cpu`` or ``cuda``.
-        only: Rows to measure (``data`` = both data rows).
+        only: Rows to measure (``data`` = both data rows and the decode rows).
         optim: Optimiser config of ``conf/optim`` (AdamW, fused on CUDA).
         ssl_augment: SSL view preset of ``conf/augment`` (``skin`` as in pretraining).
         tasks: Task config of ``conf/tasks`` (name or path).
@@ -177,5 +180,5 @@ def parse_only(only: Sequence[str] | str | None) -> list[str]:
         raise ValueError(f"--only: unknown row(s) {unknown}; choose from {list(ONLY_CHOICES)}")
     chosen = set(names)
     if "data" in chosen:
-        chosen |= set(DATA_ROWS)
+        chosen |= {*DATA_ROWS, DECODE_ROW}
     return [r for r in ROW_NAMES if r in chosen]

@@ -264,6 +264,15 @@ def _data_overrides(root: Path, workers: int, pin: bool, decoding: str) -> dict[
     }
 
 
+def train_images(s: BenchSettings, root: Path) -> list[Path]:
+    """The SSL datamodule's training images (what ``data_ssl`` decodes), in its order."""
+    size = s.sizes[0]
+    cfg = app_config("pretrain", s, size, s.batch_sizes[0], _data_overrides(root, 0, False, "full"))
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    datamodule.setup("fit")
+    return [Path(p) for p in datamodule.images]
+
+
 def train_loader(
     app: str,
     s: BenchSettings,

@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ssl_mt.compare.arms import load_arms, parse_arm
-from ssl_mt.compare.report import load_choice, verdict_text, write_comparison, write_study
+from ssl_mt.compare.report import (
+    load_choice,
+    study_summary_text,
+    verdict_text,
+    write_comparison,
+    write_study,
+)
 from ssl_mt.compare.run import EXIT_ERROR, CompareError
 from ssl_mt.compare.study_layout import load_study
 from ssl_mt.evaluation.records import CHECKPOINTS
@@ -149,11 +155,12 @@ def run_study(argv: Sequence[str]) -> int:
     args = _study_parser().parse_args(argv)
     try:
         choice = _choice(args)
-        paths, _ = write_study(load_study(args.study), args.out, choice, args.reference)
+        paths, table = write_study(load_study(args.study), args.out, choice, args.reference)
     except (CompareError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    print(paths["report"].read_text(encoding="utf-8"))
+    print(study_summary_text(table, choice).removeprefix("## "))
+    print()
     print(f"study: {paths['report']}")
     print(f"  figure: {paths['figure']}")
     print(f"  table: {paths['table']}")

@@ -212,7 +212,7 @@ def comparison_table(arms: Sequence[Arm], choice: RecordsChoice) -> pd.DataFrame
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
-def verdict_table(comparisons: pd.DataFrame) -> pd.DataFrame:
+def verdict_table(comparisons: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Per task, its main metric at the largest eval size, then the global loss: one row per
     (task, arm) with ``reference ± std``, ``arm ± std``, ``Δ [interval]`` and the verdict."""
     if comparisons.empty:
@@ -231,7 +231,7 @@ def verdict_table(comparisons: pd.DataFrame) -> pd.DataFrame:
                 ),
                 "arm": arm,
                 "arm value": _mean_std(row["value"], row["std"]),
-                "Δ [95% interval]": _difference(row),
+                f"Δ [{confidence:.0%} interval]": _difference(row),
                 "verdict": row["verdict"],
             }
         )
@@ -293,3 +293,33 @@ def study_table(
     table = pd.DataFrame(rows, columns=["fraction", *COMPARISON_COLUMNS])
     table.attrs["reference"] = reference
     return table
+
+
+def study_summary(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per task, its main metric at the largest eval size, then the global loss: one row per
+    (task, label fraction, arm) of a :func:`study_table`, as :func:`verdict_table` words it."""
+    if table.empty:
+        return pd.DataFrame()
+    size = max(table["size"])
+    at_size = table[(table["size"] == size) & (table["arm"] != table["reference"])]
+    rows = []
+    for task, part in at_size.groupby("task", sort=False):
+        main_metric = part["metric"].iloc[0]  # the main metric comes first
+        for row in part[part["metric"] == main_metric].sort_values("fraction").to_dict("records"):
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric_label(main_metric),
+                    "labels": f"{row['fraction']:g}%",
+                    f"{row['reference']} (reference)": _mean_std(
+                        row["reference value"], row["reference std"]
+                    ),
+                    "arm": row["arm"],
+                    "arm value": _mean_std(row["value"], row["std"]),
+                    f"Δ [{confidence:.0%} interval]": _difference(row),
+                    "verdict": row["verdict"],
+                }
+            )
+    summary = pd.DataFrame(rows)
+    summary.attrs["size"] = size
+    return summary

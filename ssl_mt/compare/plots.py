@@ -377,12 +377,15 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
                     label=arm,
                 )
                 if arm != reference:
+                    # above every interval at that fraction, clear of the other arms' bars
+                    tops = rows.groupby("fraction")[["high", "reference high"]].max().max(axis=1)
+                    lift = 0.04 * (tops.max() - rows[["low", "reference low"]].min().min())
                     for r in own.itertuples():
                         if r.verdict == NO_DIFFERENCE:
                             continue
                         axes.plot(
                             [r.fraction * (1 + offset)],
-                            [r.high],
+                            [tops[r.fraction] + lift],
                             marker="*",
                             markersize=11,
                             linestyle="none",

@@ -16,6 +16,7 @@ from ssl_mt.compare.differences import (
     RecordsChoice,
     arm_records,
     comparison_table,
+    study_summary,
     study_table,
     verdict_table,
 )
@@ -86,7 +87,7 @@ def _method(
 
 def verdict_text(comparisons: pd.DataFrame, choice: RecordsChoice, arms: Sequence[Arm]) -> str:
     """The per-task verdict as a markdown table with a one-line heading (printed by the CLI)."""
-    table = verdict_table(comparisons)
+    table = verdict_table(comparisons, choice.bootstrap.confidence)
     if table.empty:
         return ""
     size = table.attrs["size"]
@@ -97,7 +98,7 @@ def verdict_text(comparisons: pd.DataFrame, choice: RecordsChoice, arms: Sequenc
         .itertuples(index=False)
     )
     heading = (
-        f"Verdict per task (val @ {size} px, main metric; {choice.split}/{choice.checkpoint}; "
+        f"Verdict per task ({size} px, main metric; {choice.split}/{choice.checkpoint}; "
         f"{choice.bootstrap.confidence:.0%} intervals; images: {images}; seeds: "
         + ", ".join(f"{a.name} {a.seeds}" for a in arms)
         + ")"
@@ -283,6 +284,35 @@ def write_comparison(
 
 
 # -- label-efficiency study ---------------------------------------------------------------------------
+def study_summary_text(table: pd.DataFrame, choice: RecordsChoice) -> str:
+    """The study's verdicts: each task's main metric at the largest eval size, per label
+    fraction, as a markdown table under a heading (``study.md`` opens with it; the CLI prints
+    it)."""
+    summary = study_summary(table, choice.bootstrap.confidence)
+    if summary.empty:
+        return ""
+    size = summary.attrs["size"]
+    at_size = table[table["size"] == size]
+    images = ", ".join(
+        f"{t} {n}" for t, n in at_size.groupby("task", sort=False)["images"].min().items()
+    )
+    reference = table.attrs.get("reference", table["reference"].iloc[0])
+    seeds = {reference: _count_range(at_size["reference seeds"])}
+    for arm, part in at_size.groupby("arm", sort=False):
+        seeds.setdefault(arm, _count_range(part["seeds"]))
+    heading = (
+        f"## Verdict per task and label fraction ({size} px, main metric; "
+        f"{choice.split}/{choice.checkpoint}; {choice.bootstrap.confidence:.0%} intervals; "
+        f"images: {images}; seeds: " + ", ".join(f"{a} {n}" for a, n in seeds.items()) + ")"
+    )
+    return heading + "\n\n" + plain_markdown(summary)
+
+
+def _count_range(counts: pd.Series) -> str:
+    low, high = int(counts.min()), int(counts.max())
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def study_markdown(table: pd.DataFrame, choice: RecordsChoice, image: str | None = None) -> str:
     """``study.md``: per task, metric and eval size, a table arm × label fraction."""
     reference = table.attrs.get("reference", table["reference"].iloc[0])
@@ -291,6 +321,10 @@ def study_markdown(table: pd.DataFrame, choice: RecordsChoice, image: str | None
         lines += [f"![label efficiency]({image})", ""]
     lines += [
         _method(choice) + f" Δ = arm − {reference} at the same label fraction.",
+        "",
+        study_summary_text(table, choice),
+        "",
+        "## Every metric and eval size",
         "",
     ]
     for (size, task, metric), part in table.groupby(["size", "task", "metric"], sort=False):
@@ -323,7 +357,7 @@ def study_markdown(table: pd.DataFrame, choice: RecordsChoice, image: str | None
                 )
         images = int(part["images"].min())
         lines += [
-            f"## {task}: {metric_label(metric)} @ {size} px ({images} images)",
+            f"### {task}: {metric_label(metric)} @ {size} px ({images} images)",
             "",
             plain_markdown(pd.DataFrame(rows)),
             "",
