@@ -177,6 +177,7 @@ def test_camera_size_photos_full_and_reduced_rows() -> None:
         only=["data"],
         camera=5,
         camera_size=(320, 240),
+        rounds=2,
     )
     result = run_bench(settings)
 
@@ -187,6 +188,8 @@ def test_camera_size_photos_full_and_reduced_rows() -> None:
     decode = {d: rows.pop((DECODE_ROW, d)) for d in ("full", "1/2", "1/4", "1/8")}
     assert set(rows) == {(n, d) for n in DATA_ROWS for d in ("reduced", "full")}
     assert decode["1/8"]["vs_full"] > 1  # a 1/8 decode of a 320x240 JPEG does less work
+    assert all(r["steps"] == 2 for r in rows.values())  # one timed batch in each of 2 rounds
+    assert "(data rows: 2 rounds)" in format_table(result)
     for name in DATA_ROWS:
         reduced, full = rows[(name, "reduced")], rows[(name, "full")]
         assert reduced["vs_full"] == pytest.approx(reduced["images_per_s"] / full["images_per_s"])
@@ -202,6 +205,8 @@ def test_only_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="multiples of 32"):
         tiny(sizes=[48], only=["mt"]).resolved()
     assert main(["--device", "cpu", "--only", "nope", "--quiet"]) == 2
+    with pytest.raises(ValueError, match="--rounds"):
+        tiny(rounds=0).resolved()
     with pytest.raises(ValueError, match="--decoding"):
         tiny(decoding=["half"]).resolved()
     with pytest.raises(ValueError, match="--camera"):

@@ -60,6 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, help="untimed steps first (5 CUDA, 1 CPU; >=3 compiled)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the data rows in N rounds, decodings alternating, times summed (default 1)",
+    )
     parser.add_argument("--data", help="dataset root (default: a generated synthetic dataset)")
     parser.add_argument("--synthetic-n", type=int, help="images of the generated dataset")
     parser.add_argument("--synthetic-size", type=int, help="side of the generated images (px)")
@@ -124,6 +130,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         channels_last=args.channels_last,
         steps=args.steps,
         warmup=args.warmup,
+        rounds=args.rounds,
         data=args.data,
         synthetic_n=args.synthetic_n,
         synthetic_size=args.synthetic_size,

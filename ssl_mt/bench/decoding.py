@@ -42,29 +42,37 @@ def jpeg_files(paths: Sequence[Path], limit: int) -> list[Path]:
     return found
 
 
-def time_decoding(paths: Sequence[Path], factor: int, passes: int = 1) -> float:
-    """Seconds per image to decode ``paths`` at ``1/factor`` scale (after one untimed image).
-
-    Raises:
-        ValueError: A file cannot be decoded.
-    """
+def _decoder(factor: int):
     flag = _FLAGS[factor]
 
     def decode(path: Path) -> None:
         if cv2.imread(str(path), flag) is None:
             raise ValueError(f"{path}: OpenCV cannot decode this JPEG")
 
-    decode(paths[0])
-    start = time.perf_counter()
-    for _ in range(passes):
-        for path in paths:
-            decode(path)
-    return (time.perf_counter() - start) / (passes * len(paths))
+    return decode
 
 
 def decode_rates(paths: Sequence[Path], passes: int = 1) -> dict[int, float]:
-    """Images per second at full scale and at every reduction, for the same files."""
-    return {factor: 1.0 / time_decoding(paths, factor, passes) for factor in (1, *REDUCTIONS[::-1])}
+    """Images per second at full scale and at every reduction, for the same files.
+
+    Each pass decodes every file at every scale in turn (one untimed image first), so a
+    drift of the machine's speed weighs on every scale alike.
+
+    Raises:
+        ValueError: A file cannot be decoded.
+    """
+    factors = (1, *REDUCTIONS[::-1])
+    seconds = dict.fromkeys(factors, 0.0)
+    for factor in factors:
+        _decoder(factor)(paths[0])
+    for _ in range(passes):
+        for factor in factors:
+            decode = _decoder(factor)
+            start = time.perf_counter()
+            for path in paths:
+                decode(path)
+            seconds[factor] += time.perf_counter() - start
+    return {factor: passes * len(paths) / seconds[factor] for factor in factors}
 
 
 def mean_file_mib(paths: Sequence[Path]) -> float:

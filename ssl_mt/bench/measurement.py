@@ -239,13 +239,7 @@ class Bench:
             self._release()
         for name in DATA_ROWS:
             if name in only:
-                for decoding in self.s.decoding:
-                    for workers in self.s.workers:
-                        self.log(
-                            f"{size}px {name} ({decoding} decoding, batch {batch}, "
-                            f"{workers} workers)"
-                        )
-                        self._data_row(name, size, batch, workers, decoding)
+                self._data_rows(name, size, batch)
 
     def _images(self, batch: int, size: int) -> Tensor:
         memory_format = torch.channels_last if self.s.channels_last else torch.contiguous_format
@@ -331,14 +325,48 @@ class Bench:
             )
         self.rows.append(row)
 
-    def _data_row(self, name: str, size: int, batch: int, workers: int, decoding: str) -> None:
+    def _data_rows(self, name: str, size: int, batch: int) -> None:
+        """The rows of one loader at every decoding and worker count, timed in
+        ``s.rounds`` rounds that take the decodings in turn (times summed)."""
+        totals: dict[tuple[str, int], list[float]] = {}
+        for round_index in range(self.s.rounds):
+            for decoding in self.s.decoding:
+                for workers in self.s.workers:
+                    self.log(
+                        f"{size}px {name} ({decoding} decoding, batch {batch}, {workers} "
+                        f"workers, round {round_index + 1}/{self.s.rounds})"
+                    )
+                    timed = self._time_loader(name, size, batch, workers, decoding)
+                    total = totals.setdefault((decoding, workers), [0.0, 0, 0])
+                    for i, value in enumerate(timed):
+                        total[i] += value
+        for decoding in self.s.decoding:
+            for workers in self.s.workers:
+                seconds, images, batches = totals[(decoding, workers)]
+                self._data_row(name, size, batch, workers, decoding, seconds, images, batches)
+
+    def _time_loader(
+        self, name: str, size: int, batch: int, workers: int, decoding: str
+    ) -> tuple[float, int, int]:
         app = "pretrain" if name == "data_ssl" else "finetune"
         stream = BatchStream(self._loader(app, size, batch, workers, decoding))
         try:
-            seconds, images, batches = time_loader(stream, workers, self.s.steps)
+            return time_loader(stream, workers, self.s.steps)
         finally:
             stream.close()
             gc.collect()  # the loader's workers end with it (cheap: see run_bench)
+
+    def _data_row(
+        self,
+        name: str,
+        size: int,
+        batch: int,
+        workers: int,
+        decoding: str,
+        seconds: float,
+        images: int,
+        batches: int,
+    ) -> None:
         rate = images / seconds
         per_step = images // max(1, batches)
         row = Row(
@@ -364,7 +392,7 @@ class Bench:
             self.log("decode rows: the dataset has no JPEGs, nothing to measure")
             return
         self.log(f"decode rows: {len(paths)} JPEGs at full, 1/2, 1/4 and 1/8 scale")
-        rates = decode_rates(paths, passes=max(1, self.s.steps // len(paths)))
+        rates = decode_rates(paths, passes=max(self.s.rounds, self.s.steps // len(paths)))
         for factor, rate in rates.items():
             row = Row(
                 row=DECODE_ROW,

@@ -36,6 +36,7 @@ def environment(s: BenchSettings, data: str) -> dict[str, Any]:
         "weighting": s.weighting,
         "steps": s.steps,
         "warmup": s.warmup,
+        "rounds": s.rounds,
         "workers": s.workers,
         "sizes": s.sizes,
         "batch_sizes": s.batch_sizes,
@@ -104,7 +105,8 @@ def describe(meta: Mapping[str, Any]) -> list[str]:
         f"precision {meta['precision']} | compile {'on' if meta['compile'] else 'off'}"
         f" | channels_last {'on' if meta['channels_last'] else 'off'} | optim {meta['optim']}"
         f" | {meta['steps']} timed steps after {meta['warmup']} warmup"
-        f" | {meta['threads']} torch threads | data: {meta['data']}",
+        + (f" (data rows: {meta['rounds']} rounds)" if meta.get("rounds", 1) > 1 else "")
+        + f" | {meta['threads']} torch threads | data: {meta['data']}",
         "img/s counts every image through the backbone: simclr rows 2 x batch per step (both"
         " views), data_ssl counts views; x ceiling = img/s / ceiling img/s at that size;",
         f"peak mem = {memory}; data wait = share of wall time blocked in next(loader);"

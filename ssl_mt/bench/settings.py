@@ -60,6 +60,10 @@ class BenchSettings:
         camera_size: Width and height of the generated photos.
         camera_noise: Gaussian noise (grey levels) of the generated photos: it sets their
             JPEG size, and so the entropy decoding that no DCT scale avoids.
+        rounds: The data rows are timed in this many rounds, each decoding in turn within a
+            round, and their times summed: a drift of the machine's speed (a shared or
+            throttled CPU) then weighs on reduced and full decoding alike, so their ratio
+            holds.
     """
 
     backbone: str | None = None
@@ -88,6 +92,7 @@ class BenchSettings:
     camera: int = 0
     camera_size: tuple[int, int] = (4000, 3000)
     camera_noise: float = 4.0
+    rounds: int = 1
 
     def resolved(self) -> BenchSettings:
         """A copy with every default filled in for the chosen device, validated."""
@@ -150,6 +155,8 @@ def _validate(s: BenchSettings) -> None:
             "--camera must be >= 0, --camera-size >= 32 px and --camera-noise >= 0, got "
             f"{s.camera} / {s.camera_size} / {s.camera_noise}"
         )
+    if s.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {s.rounds}")
     if s.steps < 1 or s.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {s.steps} / {s.warmup}")
 
