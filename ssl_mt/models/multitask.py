@@ -28,6 +28,7 @@ from ssl_mt.losses.global_mean import global_task_losses, labeled_sums
 from ssl_mt.losses.task_losses import build_task_loss, masked_mean
 from ssl_mt.losses.weighting import FAMO, build_weighting
 from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
+from ssl_mt.models.compilation import raise_recompile_limit
 from ssl_mt.models.multitask_net import MultiTaskNet
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step
@@ -156,11 +157,8 @@ class MultiTaskModule(L.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.compile_model:
-            from torch import _dynamo
-
             # One graph per (size, batch, train/eval): allow them all, never go dynamic.
-            limit = 8 * (len(self.eval_sizes) + 2)
-            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, limit)
+            raise_recompile_limit(len(self.eval_sizes) + 2)
             self.net.compile(dynamic=False)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.models.backbone import create_backbone, match_state_dict
+from ssl_mt.models.compilation import raise_recompile_limit
 from ssl_mt.models.knn import embedding_std, knn_predict
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step
@@ -96,8 +97,16 @@ class SSLModule(L.LightningModule):
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         if self.compile_backbone:
-            # Static shapes: one graph per resolution, no dynamic-shape recompilation.
+            # Static shapes: one graph per (size, batch, train/eval), no dynamic shapes; room
+            # for them all (multi-crop views are two shapes per stage, the kNN monitor three).
+            raise_recompile_limit(self._stage_count() + 2)
             self.backbone.compile(dynamic=False)
+
+    def _stage_count(self) -> int:
+        """Stages of the attached trainer's schedule (1 without a trainer, as in the bench)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        schedule = getattr(datamodule, "schedule", None)
+        return len(schedule.stages) if schedule is not None else 1
 
     def features(self, images: Tensor) -> Tensor:
         """Pooled backbone features (N, C)."""
