@@ -119,10 +119,16 @@ def counting_compile(monkeypatch):
 
 
 def fit_counting(app, cfg, backend: CompileCounter, monkeypatch) -> GraphCount:
-    """Runs ``app.run(cfg)`` with a :class:`GraphCount` callback; returns it."""
+    """Runs ``app.run(cfg)`` with a :class:`GraphCount` callback; returns it.
+
+    Also checks the checkpoint: ``nn.Module.compile`` compiles in place, so the tensors keep
+    their names (no ``_orig_mod.`` of a ``torch.compile(module)`` wrapper).
+    """
     count = GraphCount(backend)
     monkeypatch.setattr(app, "build_trainer", lambda c: runner.build_trainer(c, [count]))
-    app.run(cfg)
+    run_dir = app.run(cfg)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")["state_dict"]
+    assert state and not [k for k in state if "_orig_mod" in k]
     return count
 
 
