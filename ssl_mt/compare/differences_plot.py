@@ -7,7 +7,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ssl_mt.compare.figures import METRIC_SHORT, blank_figure
+from ssl_mt.compare.figures import blank_figure
+from ssl_mt.compare.keys import METRIC_LABELS
 from ssl_mt.compare.statistics import BETTER, NO_DIFFERENCE, WORSE, is_score
 
 VERDICT_COLOURS = {BETTER: "#1a9641", WORSE: "#d7191c", NO_DIFFERENCE: "0.45"}
@@ -35,7 +36,7 @@ def plot_differences(comparisons: pd.DataFrame) -> Figure:
             part = rows_per_kind[kind]
             part = part[part["size"] == size]
             labels = [
-                f"{r.task} {METRIC_SHORT.get(r.metric, r.metric)}"
+                f"{r.task} {METRIC_LABELS.get(r.metric, r.metric)}"
                 + (f" ({r.arm})" if comparisons["arm"].nunique() > 1 else "")
                 for r in part.itertuples()
             ]

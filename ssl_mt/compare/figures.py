@@ -1,5 +1,5 @@
-"""What every comparison figure shares: resolution, palette, markers, metric names, a blank
-white figure on the Agg canvas, and byte-stable PNG saving."""
+"""What every comparison figure shares: resolution, palette, markers, a blank white figure
+on the Agg canvas, and byte-stable PNG saving."""
 
 from __future__ import annotations
 
@@ -23,15 +23,6 @@ TASK_COLOURS = (
     "#7f7f7f",
 )
 DPI = 110
-
-METRIC_SHORT = {
-    "iou": "IoU",
-    "dice": "Dice",
-    "top1": "top-1",
-    "top5": "top-5",
-    "f1": "F1",
-    "loss": "loss",
-}
 
 
 def blank_figure(figsize: tuple[float, float]) -> Figure:

@@ -7,8 +7,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ssl_mt.compare.figures import METRIC_SHORT, RUN_MARKERS, TASK_COLOURS, blank_figure
-from ssl_mt.compare.keys import LOSS
+from ssl_mt.compare.figures import RUN_MARKERS, TASK_COLOURS, blank_figure
+from ssl_mt.compare.keys import LOSS, METRIC_LABELS
 from ssl_mt.compare.statistics import BETTER, NO_DIFFERENCE, is_score
 
 
@@ -80,8 +80,10 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
             axes.set_xticks(fractions, [f"{f:g}%" for f in fractions])
             axes.minorticks_off()
             axes.grid(True, alpha=0.3)
-            axes.set_title(f"{task}: {METRIC_SHORT.get(metric, metric)} @ {size} px", fontsize=10)
-            axes.set_ylabel(METRIC_SHORT.get(metric, metric) + (" ↑" if is_score(metric) else " ↓"))
+            axes.set_title(f"{task}: {METRIC_LABELS.get(metric, metric)} @ {size} px", fontsize=10)
+            axes.set_ylabel(
+                METRIC_LABELS.get(metric, metric) + (" ↑" if is_score(metric) else " ↓")
+            )
             if row == len(tasks) - 1 or len(metrics) == 1:
                 axes.set_xlabel("label fraction")
     handles = [
