@@ -41,8 +41,9 @@ Examples::
 """
 
 from ssl_mt.bench.cli import main, parse_args, settings_from_args
-from ssl_mt.bench.measurement import Bench, Row, fill_ratios, run_bench
+from ssl_mt.bench.measurement import Bench, run_bench
 from ssl_mt.bench.report import format_table
+from ssl_mt.bench.rows import Row, fill_ratios
 from ssl_mt.bench.settings import (
     DATA_ROWS,
     DECODE_ROW,

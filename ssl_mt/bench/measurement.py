@@ -1,14 +1,12 @@
-"""Timing the workloads: device steps, loader-fed steps and loaders alone, row by row."""
+"""The bench runner: builds each requested workload, times it row by row, fills the ratios."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,11 @@ from torch import Tensor
 
 from ssl_mt.bench.datasets import bench_dataset
 from ssl_mt.bench.decoding import decode_rates, jpeg_files, mean_file_mib, scale_label
-from ssl_mt.bench.instruments import PeakMemory, WindowTimer, to_device
+from ssl_mt.bench.instruments import PeakMemory, WindowTimer
 from ssl_mt.bench.report import environment
-from ssl_mt.bench.settings import DATA_ROWS, DECODE_ROW, FEEDS, STEP_ROWS, BenchSettings
+from ssl_mt.bench.rows import Row, fill_ratios
+from ssl_mt.bench.settings import DATA_ROWS, DECODE_ROW, BenchSettings
+from ssl_mt.bench.timing import BatchStream, time_device_steps, time_e2e_steps, time_loader
 from ssl_mt.bench.workloads import (
     CEILING_CLASSES,
     Workbench,
@@ -35,134 +35,6 @@ from ssl_mt.bench.workloads import (
 
 # JPEGs the decode rows time (the first of the training images).
 DECODE_IMAGES = 32
-
-
-@dataclass
-class Row:
-    """One line of the table.
-
-    ``images_per_s`` counts every image through the backbone (both SimCLR views; views for
-    ``data_ssl``). ``ratio`` is ``images_per_s`` over the ceiling's at the same size.
-    ``data_wait`` is the share of the timed wall time spent blocked in ``next(loader)``.
-    ``decoding`` is the JPEG decoding of a loader-fed row; ``vs_full`` a reduced data row's
-    rate over the full-decoding one (for a decode row: its scale's decoding rate over full
-    decoding's); ``vs_unet`` a multi-task row's over the plain U-Net's.
-    """
-
-    row: str
-    size: int | None  # None: a decode row (the same for every size)
-    batch: int
-    images_per_step: int
-    images_per_s: float
-    step_ms: float
-    steps: int
-    ratio: float | None = None
-    peak_mem_mib: float | None = None
-    data_wait: float | None = None
-    workers: int | None = None
-    images_per_s_per_worker: float | None = None
-    workers_needed: int | None = None
-    fed_row: str | None = None
-    decoding: str | None = None
-    vs_full: float | None = None
-    vs_unet: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class BatchStream:
-    """Endless batches of a DataLoader, epoch after epoch (``set_epoch`` as Lightning does).
-
-    ``position`` is the index of the last batch within its epoch.
-    """
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-        self.epoch = 0
-        self.position = -1
-        self._it: Iterator | None = None
-
-    def next(self) -> Any:
-        for _ in range(2):
-            if self._it is None:
-                self.loader.sampler.set_epoch(self.epoch)
-                self._it = iter(self.loader)
-                self.position = -1
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self._it = None
-                self.epoch += 1
-                continue
-            self.position += 1
-            return batch
-        raise RuntimeError("the loader yields no batch: dataset smaller than one batch?")
-
-    def close(self) -> None:
-        self._it = None
-        self.loader = None
-
-
-def batch_images(batch: Mapping[str, Any]) -> int:
-    if "views" in batch:
-        return sum(int(v.shape[0]) for v in batch["views"])
-    image = batch.get("image")
-    return int(image.shape[0]) if isinstance(image, Tensor) else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurements
-# ---------------------------------------------------------------------------------------------
-def time_device_steps(
-    step: Callable[[Any], None], batch: Any, s: BenchSettings, device: torch.device
-) -> WindowTimer:
-    """The window of ``s.steps`` steps on one device batch, after ``s.warmup`` untimed ones."""
-    for _ in range(s.warmup):
-        step(batch)
-    with WindowTimer(device) as timer:
-        for _ in range(s.steps):
-            step(batch)
-    return timer
-
-
-def time_e2e_steps(
-    step: Callable[[Any], None],
-    stream: BatchStream,
-    prepare: Callable[[Any], Any],
-    s: BenchSettings,
-    device: torch.device,
-) -> tuple[WindowTimer, float]:
-    """(window, seconds blocked in ``next(loader)``) of ``s.steps`` loader-fed steps."""
-    for _ in range(s.warmup):
-        step(prepare(to_device(stream.next(), device)))
-    waited = 0.0
-    with WindowTimer(device) as timer:
-        for _ in range(s.steps):
-            t0 = time.perf_counter()
-            batch = stream.next()
-            waited += time.perf_counter() - t0
-            step(prepare(to_device(batch, device)))
-    return timer, waited
-
-
-def time_loader(stream: BatchStream, workers: int, timed_batches: int) -> tuple[float, int, int]:
-    """Steady-state loading: (seconds, images, batches) over ``timed_batches`` batches.
-
-    The first batches of every epoch (one per worker; the very first one without workers)
-    are not timed: they carry the workers' start, not their throughput.
-    """
-    seconds, images, batches = 0.0, 0, 0
-    per_epoch = len(stream.loader)
-    while batches < timed_batches:
-        t0 = time.perf_counter()
-        batch = stream.next()
-        elapsed = time.perf_counter() - t0
-        skip = workers if workers > 0 else int(stream.epoch == 0)
-        if stream.position < min(skip, per_epoch - 1):
-            continue
-        seconds += elapsed
-        images += batch_images(batch)
-        batches += 1
-    return seconds, images, batches
 
 
 class Bench:
@@ -409,31 +281,6 @@ class Bench:
             )
             row.extra["file_mib"] = mean_file_mib(paths)
             self.rows.append(row)
-
-
-def fill_ratios(rows: list[Row]) -> None:
-    """Ratios to the ceiling, to the plain U-Net and to full decoding, and, for data rows,
-    the workers that keep the step fed (data rows of the first decoding measured)."""
-    by_key = {(r.row, r.size): r for r in reversed(rows)}  # the first of several wins
-    full = {(r.row, r.size, r.workers): r for r in rows if r.decoding == "full"}
-    for r in rows:
-        if r.row in STEP_ROWS:
-            ceiling = by_key.get(("ceiling", r.size))
-            if ceiling is not None and ceiling.images_per_s > 0:
-                r.ratio = r.images_per_s / ceiling.images_per_s
-            unet = by_key.get(("unet", r.size))
-            if r.row in ("mt", "mt_e2e") and unet is not None:
-                r.vs_unet = r.images_per_s / unet.images_per_s
-        elif r.row in FEEDS and r.images_per_s_per_worker:
-            reference = full.get((r.row, r.size, r.workers))
-            if r.decoding == "reduced" and reference is not None:
-                r.vs_full = r.images_per_s / reference.images_per_s
-            for fed in FEEDS[r.row]:
-                step = by_key.get((fed, r.size))
-                if step is not None:
-                    r.fed_row = fed
-                    r.workers_needed = math.ceil(step.images_per_s / r.images_per_s_per_worker)
-                    break
 
 
 def run_bench(settings: BenchSettings) -> dict[str, Any]:

@@ -12,7 +12,10 @@ Modules:
 - :mod:`~ssl_mt.compare.tables`: final/best metrics, jumps at the resolution switch, markdown;
 - :mod:`~ssl_mt.compare.differences`: differences between arms with intervals and verdicts,
   the label-efficiency table;
-- :mod:`~ssl_mt.compare.plots`: loss curves with bands over seeds, differences, study;
+- :mod:`~ssl_mt.compare.curves`: loss curves with bands over seeds and resolution switches,
+  :mod:`~ssl_mt.compare.differences_plot` the differences with their intervals,
+  :mod:`~ssl_mt.compare.study_plot` the label-efficiency curves, and
+  :mod:`~ssl_mt.compare.figures` what they share (palette, markers, ``save_figure``);
 - :mod:`~ssl_mt.compare.report`: ``report.md`` / ``study.md`` with their figures;
 - ``python -m ssl_mt.compare`` (:mod:`~ssl_mt.compare.__main__`): the command line.
 
@@ -20,19 +23,15 @@ The notebook ``notebooks/compare_loss_curves.ipynb`` calls the functions exporte
 """
 
 from ssl_mt.compare.arms import Arm, load_arms
+from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
     RecordsChoice,
     comparison_table,
     study_table,
     verdict_table,
 )
-from ssl_mt.compare.plots import (
-    plot_differences,
-    plot_study,
-    plot_train_losses,
-    plot_val_losses,
-    save_figure,
-)
+from ssl_mt.compare.differences_plot import plot_differences
+from ssl_mt.compare.figures import save_figure
 from ssl_mt.compare.report import (
     load_choice,
     markdown_report,
@@ -45,6 +44,7 @@ from ssl_mt.compare.report import (
 from ssl_mt.compare.run import CompareError, Run, Switch, load_run, load_runs, unique_names
 from ssl_mt.compare.statistics import BootstrapSettings, compare_arms, verdict
 from ssl_mt.compare.study_layout import StudyCell, load_study
+from ssl_mt.compare.study_plot import plot_study
 from ssl_mt.compare.tables import jump_table, summary_table
 
 __all__ = [

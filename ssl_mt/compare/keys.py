@@ -17,6 +17,15 @@ GLOBAL = "global"
 LOSS = "loss"
 # Row order of the tables: the scores in this order, then any other metric, then the loss.
 METRIC_ORDER = ("iou", "dice", "top1", "top5", "f1")
+# How tables and figures name a metric (any other: its key).
+METRIC_LABELS = {
+    "iou": "IoU",
+    "dice": "Dice",
+    "top1": "top-1",
+    "top5": "top-5",
+    "f1": "F1",
+    "loss": "loss",
+}
 
 
 def val_key(size: int | str, task: str, metric: str) -> str:

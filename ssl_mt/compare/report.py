@@ -12,6 +12,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ssl_mt.compare.arms import Arm, as_arms
+from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
     RecordsChoice,
     arm_records,
@@ -20,16 +21,12 @@ from ssl_mt.compare.differences import (
     study_table,
     verdict_table,
 )
-from ssl_mt.compare.plots import (
-    plot_differences,
-    plot_study,
-    plot_train_losses,
-    plot_val_losses,
-    save_figure,
-)
+from ssl_mt.compare.differences_plot import plot_differences
+from ssl_mt.compare.figures import save_figure
 from ssl_mt.compare.run import Run
 from ssl_mt.compare.statistics import BootstrapSettings
 from ssl_mt.compare.study_layout import StudyCell
+from ssl_mt.compare.study_plot import plot_study
 from ssl_mt.compare.tables import (
     _jump_verdicts,
     _metric_column,

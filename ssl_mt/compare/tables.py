@@ -10,20 +10,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ssl_mt.compare.keys import GLOBAL, LOSS, _all_tasks, _size_key
+from ssl_mt.compare.keys import GLOBAL, LOSS, METRIC_LABELS, _all_tasks, _size_key
 from ssl_mt.compare.run import Run, common_keys
 from ssl_mt.compare.statistics import (
     is_score,
 )
-
-METRIC_LABELS = {
-    "iou": "IoU",
-    "dice": "Dice",
-    "top1": "top-1",
-    "top5": "top-5",
-    "f1": "F1",
-    "loss": "loss",
-}
 
 
 # -- tables ----------------------------------------------------------------------------------
