@@ -220,24 +220,32 @@ def verdict_table(comparisons: pd.DataFrame, confidence: float = 0.95) -> pd.Dat
     size = max(comparisons["size"])
     at_size = comparisons[comparisons["size"] == size]
     rows = []
-    for (task, arm), part in at_size.groupby(["task", "arm"], sort=False):
+    for (task, _), part in at_size.groupby(["task", "arm"], sort=False):
         row = part.iloc[0]  # the main metric comes first
-        rows.append(
-            {
-                "task": task,
-                "metric": metric_label(row["metric"]),
-                f"{row['reference']} (reference)": _mean_std(
-                    row["reference value"], row["reference std"]
-                ),
-                "arm": arm,
-                "arm value": _mean_std(row["value"], row["std"]),
-                f"Δ [{confidence:.0%} interval]": _difference(row),
-                "verdict": row["verdict"],
-            }
-        )
+        rows.append(_verdict_cells(row, {"task": task}, confidence))
     table = pd.DataFrame(rows)
     table.attrs["size"] = size
     return table
+
+
+def _verdict_cells(
+    row: Mapping[str, Any],
+    first: Mapping[str, Any],
+    confidence: float,
+    after_metric: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One verdict line: ``first`` cells, the metric, ``after_metric`` cells, then reference
+    ± std, arm, arm ± std, the difference with its interval and the verdict."""
+    return {
+        **first,
+        "metric": metric_label(row["metric"]),
+        **(after_metric or {}),
+        f"{row['reference']} (reference)": _mean_std(row["reference value"], row["reference std"]),
+        "arm": row["arm"],
+        "arm value": _mean_std(row["value"], row["std"]),
+        f"Δ [{confidence:.0%} interval]": _difference(row),
+        "verdict": row["verdict"],
+    }
 
 
 def _mean_std(value: float, std: float) -> str:
@@ -307,18 +315,7 @@ def study_summary(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame
         main_metric = part["metric"].iloc[0]  # the main metric comes first
         for row in part[part["metric"] == main_metric].sort_values("fraction").to_dict("records"):
             rows.append(
-                {
-                    "task": task,
-                    "metric": metric_label(main_metric),
-                    "labels": f"{row['fraction']:g}%",
-                    f"{row['reference']} (reference)": _mean_std(
-                        row["reference value"], row["reference std"]
-                    ),
-                    "arm": row["arm"],
-                    "arm value": _mean_std(row["value"], row["std"]),
-                    f"Δ [{confidence:.0%} interval]": _difference(row),
-                    "verdict": row["verdict"],
-                }
+                _verdict_cells(row, {"task": task}, confidence, {"labels": f"{row['fraction']:g}%"})
             )
     summary = pd.DataFrame(rows)
     summary.attrs["size"] = size
