@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ssl_mt.data.datamodules.staged import StagedDataModule, require_split
 from ssl_mt.data.datasets import MultiTaskDataset, OnBadSample
 from ssl_mt.data.label_fraction import describe_counts, has_any_label, keep_label_fraction
-from ssl_mt.data.loaders import LoaderSettings
 from ssl_mt.data.manifest import MANIFEST_NAME, Sample, load_manifest, refuse_lossy_masks
 from ssl_mt.data.transforms import build_finetune_transform
 from ssl_mt.schedule import ResolutionSchedule
@@ -71,7 +70,16 @@ class MultiTaskDataModule(StagedDataModule):
         label_fraction: float = 1.0,
         label_seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            val_fraction=val_fraction,
+            on_bad_sample=on_bad_sample,
+            seed=seed,
+            reduced_decoding=reduced_decoding,
+        )
         if not 0.0 < float(label_fraction) <= 1.0:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
         self.label_fraction = float(label_fraction)
@@ -93,13 +101,6 @@ class MultiTaskDataModule(StagedDataModule):
             )
         self.eval_batch_size = eval_batch_size
         self.augment = augment
-        self.val_fraction = val_fraction
-        self.on_bad_sample = on_bad_sample
-        self.seed = seed
-        self.reduced_decoding = reduced_decoding
-        self.settings = LoaderSettings(
-            num_workers, pin_memory, persistent_workers, prefetch_factor, seed
-        )
         self.samples: dict[str, list[Sample]] = {}
         self._eval_loaders: dict[str, list[DataLoader]] = {}
         self._window_counts: tuple[tuple, torch.Tensor] | None = None

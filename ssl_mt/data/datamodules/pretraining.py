@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader
 
 from ssl_mt.data.datamodules.staged import StagedDataModule, require_split
 from ssl_mt.data.datasets import MultiViewDataset, OnBadSample
-from ssl_mt.data.loaders import LoaderSettings
 from ssl_mt.data.manifest import MANIFEST_NAME, Sample, list_image_folder, load_manifest
 from ssl_mt.data.transforms import (
     ViewSpec,
@@ -69,7 +68,16 @@ class SSLDataModule(StagedDataModule):
         seed: int = 0,
         reduced_decoding: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            val_fraction=val_fraction,
+            on_bad_sample=on_bad_sample,
+            seed=seed,
+            reduced_decoding=reduced_decoding,
+        )
         if source not in ("auto", "manifest", "folder"):
             raise ValueError(f"data.source must be auto, manifest or folder, got {source!r}")
         self.schedule = ResolutionSchedule(stages, size_multiple)
@@ -99,13 +107,6 @@ class SSLDataModule(StagedDataModule):
         self.view_spec = ViewSpec.from_config(views) if views is not None else None
         self.n_views = self.view_spec.count if self.view_spec is not None else n_views
         self.source = source
-        self.val_fraction = val_fraction
-        self.on_bad_sample = on_bad_sample
-        self.seed = seed
-        self.reduced_decoding = reduced_decoding
-        self.settings = LoaderSettings(
-            num_workers, pin_memory, persistent_workers, prefetch_factor, seed
-        )
         self.images: list[Path] = []
         self.knn_samples: dict[str, list[Sample]] = {}
         self._val_loaders: list[DataLoader] | None = None

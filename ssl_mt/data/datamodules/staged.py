@@ -35,17 +35,34 @@ class StagedDataModule(L.LightningDataModule):
     stage (so persistent workers live on), resumed at the right batch, and evaluation
     loaders built once.
 
-    Subclasses set ``schedule``, ``settings``, ``seed``, ``on_bad_sample``,
-    ``reduced_decoding`` and implement
-    :meth:`train_dataset` and :attr:`num_train_samples`.
+    The constructor takes what both read (the ``data`` config keys of the same names);
+    subclasses set ``schedule`` and implement :meth:`train_dataset` and
+    :attr:`num_train_samples`.
     """
 
     schedule: ResolutionSchedule
-    settings: LoaderSettings
     lossy_mask_threshold: int | None = None
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        prefetch_factor: int | None,
+        val_fraction: float,
+        on_bad_sample: str,
+        seed: int,
+        reduced_decoding: bool,
+    ) -> None:
         super().__init__()
+        self.val_fraction = val_fraction
+        self.on_bad_sample = on_bad_sample
+        self.seed = seed
+        self.reduced_decoding = reduced_decoding
+        self.settings = LoaderSettings(
+            num_workers, pin_memory, persistent_workers, prefetch_factor, seed
+        )
         self._train_loader: tuple[int, DataLoader] | None = None
 
     @property
