@@ -292,23 +292,19 @@ def format_report(report: CheckReport) -> str:
         f"{report.root / MANIFEST_NAME}: {report.n_rows} rows; labeled samples per task and split",
         *label_table(report.counts, report.kinds),
     ]
-    if report.ok:
-        lines.append("\nno problems found")
-    else:
-        lines.append(f"\n{len(report.problems)} problem(s):")
-        lines.extend(f"  {problem}" for problem in report.problems)
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_problem_lines(report)])
 
 
 def _format_folder_report(report: CheckReport) -> str:
     hidden = f" ({report.n_hidden} hidden file(s) skipped)" if report.n_hidden else ""
     lines = [f"{report.root}: image folder, {report.n_images} image(s){hidden}"]
+    return "\n".join([*lines, *_problem_lines(report)])
+
+
+def _problem_lines(report: CheckReport) -> list[str]:
     if report.ok:
-        lines.append("no problems found")
-    else:
-        lines.append(f"{len(report.problems)} problem(s):")
-        lines.extend(f"  {problem}" for problem in report.problems)
-    return "\n".join(lines)
+        return ["no problems found"]
+    return [f"{len(report.problems)} problem(s):", *(f"  {p}" for p in report.problems)]
 
 
 def label_table(counts: dict[str, dict[str, int]], kinds: dict[str, str]) -> list[str]:
