@@ -38,6 +38,9 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
             axes = grid[row][column]
             rows = part[part["metric"] == metric]
             offsets = np.linspace(-0.03, 0.03, len(arms)) if len(arms) > 1 else [0.0]
+            # verdict stars sit above every interval at their fraction, clear of all bars
+            tops = rows.groupby("fraction")[["high", "reference high"]].max().max(axis=1)
+            lift = 0.04 * (tops.max() - rows[["low", "reference low"]].min().min())
             for arm, offset in zip(arms, offsets, strict=True):
                 if arm == reference:
                     own = rows.drop_duplicates("fraction")
@@ -60,9 +63,6 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
                     label=arm,
                 )
                 if arm != reference:
-                    # above every interval at that fraction, clear of the other arms' bars
-                    tops = rows.groupby("fraction")[["high", "reference high"]].max().max(axis=1)
-                    lift = 0.04 * (tops.max() - rows[["low", "reference low"]].min().min())
                     for r in own.itertuples():
                         if r.verdict == NO_DIFFERENCE:
                             continue
