@@ -14,6 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_mt.data.datasets import EpochIndexSampler, collate_samples
+from ssl_mt.data.eval_cache import CachingDataLoader, MemoryBudget
 
 
 class LoaderSettings:
@@ -45,7 +46,11 @@ class LoaderSettings:
         world_size: int,
         rank: int,
         unrepeated: bool = False,
+        cache: MemoryBudget | None = None,
+        name: str = "eval",
     ) -> DataLoader:
+        """A loader with these settings; ``cache``: replay the first complete pass from
+        memory within that budget (evaluation loaders, whose items are deterministic)."""
         if unrepeated:
             # Every sample once over the ranks (shards differ by at most one), instead of
             # DistributedSampler's padding, which repeats samples and counts them twice in
@@ -62,7 +67,8 @@ class LoaderSettings:
                 seed=self.seed,
                 drop_last=drop_last,
             )
-        return DataLoader(
+        caching = {"budget": cache, "name": name} if cache is not None else {}
+        return (CachingDataLoader if cache is not None else DataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -76,6 +82,7 @@ class LoaderSettings:
             # nothing from the global one, so persistent workers (one iterator per run, not
             # per epoch) leave dropout's random stream as a resumed run will find it.
             generator=torch.Generator().manual_seed(self.seed),
+            **caching,
         )
 
 

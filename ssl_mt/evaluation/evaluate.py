@@ -155,29 +155,14 @@ def _identity(checkpoint: Mapping[str, Any]) -> tuple[int, int]:
     return int(checkpoint.get("epoch", -1)), int(checkpoint.get("global_step", -1))
 
 
-def _loaders(datamodule: Any, splits: Sequence[str], sizes: Sequence[int]) -> Iterator[tuple]:
-    """One single-process, sequential loader per (split, size): every image, unsharded."""
-    from ssl_mt.data.datasets import MultiTaskDataset
-    from ssl_mt.data.transforms import build_finetune_transform
-
+def _loaders(datamodule: Any, splits: Sequence[str]) -> Iterator[tuple]:
+    """``(split, size, samples, loader)`` over every image of each split, one loader per eval
+    size: the datamodule's own evaluation loaders (one process: the very loaders of
+    validation, whose batches may already be held in memory), unsharded under DDP."""
     for split in splits:
         samples = datamodule.samples[split]
-        for size in sizes:
-            dataset = MultiTaskDataset(
-                samples,
-                datamodule.tasks,
-                build_finetune_transform(datamodule.augment, size, train=False),
-                datamodule.seed,
-                datamodule.on_bad_sample,
-            )
-            loader = datamodule.settings.loader(
-                dataset,
-                datamodule.eval_batch_size,
-                shuffle=False,
-                drop_last=False,
-                world_size=1,
-                rank=0,
-            )
+        loaders = datamodule.eval_loaders(split, sharded=False)
+        for size, loader in zip(datamodule.eval_sizes, loaders, strict=True):
             yield split, size, samples, loader
 
 
@@ -205,7 +190,7 @@ def write_eval_records(
     splits = ["val", *(["test"] if datamodule.samples.get("test") else [])]
     device = trainer.strategy.root_device
     module.to(device).eval()
-    loaders = list(_loaders(datamodule, splits, module.eval_sizes))
+    loaders = list(_loaders(datamodule, splits))
     written: list[Path] = []
     done: dict[tuple[int, int], str] = {}
     for tag, path in files.items():

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ssl_mt.data.datamodules.staged import StagedDataModule, require_split
 from ssl_mt.data.datasets import MultiTaskDataset, OnBadSample
 from ssl_mt.data.label_fraction import describe_counts, has_any_label, keep_label_fraction
+from ssl_mt.data.loaders import world_and_rank
 from ssl_mt.data.manifest import MANIFEST_NAME, Sample, load_manifest, refuse_lossy_masks
 from ssl_mt.data.transforms import build_finetune_transform
 from ssl_mt.schedule import ResolutionSchedule
@@ -46,6 +47,8 @@ class MultiTaskDataModule(StagedDataModule):
             not fine-tuned on.
         label_seed: Data seed of that subset; not the run seed, so every run and arm
             sees the same labels.
+        eval_cache_mb: MiB of evaluation batches this process keeps in memory after their
+            first pass (see :mod:`ssl_mt.data.eval_cache`); 0: read them every epoch.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class MultiTaskDataModule(StagedDataModule):
         reduced_decoding: bool = True,
         label_fraction: float = 1.0,
         label_seed: int = 0,
+        eval_cache_mb: float = 2048,
     ) -> None:
         super().__init__(
             num_workers=num_workers,
@@ -79,6 +83,7 @@ class MultiTaskDataModule(StagedDataModule):
             on_bad_sample=on_bad_sample,
             seed=seed,
             reduced_decoding=reduced_decoding,
+            eval_cache_mb=eval_cache_mb,
         )
         if not 0.0 < float(label_fraction) <= 1.0:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
@@ -102,7 +107,7 @@ class MultiTaskDataModule(StagedDataModule):
         self.eval_batch_size = eval_batch_size
         self.augment = augment
         self.samples: dict[str, list[Sample]] = {}
-        self._eval_loaders: dict[str, list[DataLoader]] = {}
+        self._eval_loaders: dict[tuple[str, int], list[DataLoader]] = {}
         self._window_counts: tuple[tuple, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -170,19 +175,23 @@ class MultiTaskDataModule(StagedDataModule):
         windows = self._window_counts[1]
         return windows[min(batch_idx // accumulate, len(windows) - 1)]
 
-    def _eval_loaders_for(self, split: str) -> list[DataLoader]:
-        if split not in self._eval_loaders:
-            self._eval_loaders[split] = [
-                self.eval_loader(self.samples[split], self.tasks, size, True, split)
+    def eval_loaders(self, split: str, sharded: bool = True) -> list[DataLoader]:
+        """One loader of ``split`` per evaluation size, in the order of ``eval_sizes``; built
+        once. ``sharded=False``: every sample on this rank (one process: the same loaders)."""
+        world = world_and_rank(self)[0] if sharded else 1
+        key = (split, world)
+        if key not in self._eval_loaders:
+            self._eval_loaders[key] = [
+                self.eval_loader(self.samples[split], self.tasks, size, True, split, sharded)
                 for size in self.eval_sizes
             ]
-        return self._eval_loaders[split]
+        return self._eval_loaders[key]
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per evaluation size, in the order of ``eval_sizes``."""
-        return self._eval_loaders_for("val")
+        return self.eval_loaders("val")
 
     def test_dataloader(self) -> list[DataLoader]:
         if not self.samples.get("test"):
             raise ValueError(f"{self.root / MANIFEST_NAME}: no samples in split 'test'")
-        return self._eval_loaders_for("test")
+        return self.eval_loaders("test")

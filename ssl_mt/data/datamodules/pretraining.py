@@ -43,6 +43,8 @@ class SSLDataModule(StagedDataModule):
         source: ``auto`` (csv when present), ``manifest`` or ``folder``.
         reduced_decoding: Decode JPEGs at 1/2, 1/4 or 1/8 scale when every view's smallest
             crop still covers its output size; False: always in full.
+        eval_cache_mb: MiB of kNN bank and query batches this process keeps in memory after
+            their first pass (see :mod:`ssl_mt.data.eval_cache`); 0: read them every epoch.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class SSLDataModule(StagedDataModule):
         size_multiple: int = 1,
         seed: int = 0,
         reduced_decoding: bool = True,
+        eval_cache_mb: float = 2048,
     ) -> None:
         super().__init__(
             num_workers=num_workers,
@@ -77,6 +80,7 @@ class SSLDataModule(StagedDataModule):
             on_bad_sample=on_bad_sample,
             seed=seed,
             reduced_decoding=reduced_decoding,
+            eval_cache_mb=eval_cache_mb,
         )
         if source not in ("auto", "manifest", "folder"):
             raise ValueError(f"data.source must be auto, manifest or folder, got {source!r}")
@@ -169,7 +173,9 @@ class SSLDataModule(StagedDataModule):
             return []
         if self._val_loaders is None:
             self._val_loaders = [
-                self.eval_loader(self.knn_samples[split], self.knn_tasks, self.knn_size)
+                self.eval_loader(
+                    self.knn_samples[split], self.knn_tasks, self.knn_size, split=f"knn {split}"
+                )
                 for split in ("train", "val")
             ]
         return self._val_loaders

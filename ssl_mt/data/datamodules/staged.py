@@ -15,6 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_mt.data.datasets import MultiTaskDataset
+from ssl_mt.data.eval_cache import MemoryBudget
 from ssl_mt.data.loaders import LoaderSettings, resume_position, world_and_rank
 from ssl_mt.data.manifest import MANIFEST_NAME, Sample
 from ssl_mt.data.transforms import build_finetune_transform
@@ -54,6 +55,7 @@ class StagedDataModule(L.LightningDataModule):
         on_bad_sample: str,
         seed: int,
         reduced_decoding: bool,
+        eval_cache_mb: float,
     ) -> None:
         super().__init__()
         self.val_fraction = val_fraction
@@ -63,6 +65,7 @@ class StagedDataModule(L.LightningDataModule):
         self.settings = LoaderSettings(
             num_workers, pin_memory, persistent_workers, prefetch_factor, seed
         )
+        self.eval_cache = MemoryBudget(eval_cache_mb)
         self._train_loader: tuple[int, DataLoader] | None = None
 
     @property
@@ -106,14 +109,17 @@ class StagedDataModule(L.LightningDataModule):
         size: int,
         unrepeated: bool = False,
         split: str = "val",
+        sharded: bool = True,
     ) -> DataLoader:
         """A sequential (sharded under DDP) loader of labeled samples resized to ``size``.
 
         ``unrepeated``: each sample on exactly one rank (metrics reduced over the ranks count
         it once); otherwise DistributedSampler pads the shards to equal length with repeats
-        (what an ``all_gather`` of equal-sized tensors needs).
+        (what an ``all_gather`` of equal-sized tensors needs). ``sharded=False``: every
+        sample, whatever the number of ranks. Its first complete pass is replayed from
+        memory while it fits in ``data.eval_cache_mb`` (see :mod:`ssl_mt.data.eval_cache`).
         """
-        world, rank = world_and_rank(self)
+        world, rank = world_and_rank(self) if sharded else (1, 0)
         if unrepeated and len(samples) < world:
             # DDP broadcasts buffers at each rank's first evaluation forward: a rank without a
             # batch would leave the others waiting.
@@ -138,4 +144,6 @@ class StagedDataModule(L.LightningDataModule):
             world_size=world,
             rank=rank,
             unrepeated=unrepeated,
+            cache=self.eval_cache,
+            name=f"{split}@{size}",
         )
