@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -213,3 +214,26 @@ def test_a_fit_validates_held_batches_as_it_would_read_ones(synthetic_root, tmp_
     for loader, fresh_loader in zip(held_loaders, fresh.val_dataloader(), strict=True):
         for held, read in zip(loader.cached, fresh_loader, strict=True):
             assert torch.equal(held["image"], read["image"])
+
+
+def test_ranks_holding_and_reading_their_shards_yield_the_same_batches(synthetic_root):
+    """Under DDP every rank holds its own shard or not (the budget is per process): the cache
+    makes no collective call and never changes a rank's batches, so a rank over budget and
+    one within it stay in step."""
+    budgets = {0: 2048, 1: 1e-6}  # rank 1's shard does not fit
+    seen: dict[int, list[int]] = {}
+    for rank, budget in budgets.items():
+        datamodule = make_datamodule(synthetic_root, eval_cache_mb=budget)
+        datamodule.trainer = SimpleNamespace(current_epoch=0, world_size=2, global_rank=rank)
+        reference = make_datamodule(synthetic_root, eval_cache_mb=0)
+        reference.trainer = datamodule.trainer
+        expected = [[b["index"].tolist() for b in loader] for loader in reference.val_dataloader()]
+        for _ in range(2):
+            got = [[b["index"].tolist() for b in loader] for loader in datamodule.val_dataloader()]
+            assert got == expected
+        held = [loader.cached is not None for loader in datamodule.val_dataloader()]
+        assert held == [rank == 0] * 2
+        seen[rank] = [i for batch in expected[0] for i in batch]
+    assert sorted(seen[0] + seen[1]) == list(
+        range(len(make_datamodule(synthetic_root).samples["val"]))
+    )
