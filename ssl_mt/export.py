@@ -43,6 +43,7 @@ from ssl_mt.models.backbone import (
     export_backbone,
     match_state_dict,
 )
+from ssl_mt.shutdown import freeze_heap_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -304,4 +305,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    freeze_heap_at_exit()
     sys.exit(main())

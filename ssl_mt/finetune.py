@@ -18,6 +18,7 @@ from ssl_mt.console import stop_on_bad_sample
 from ssl_mt.evaluation.evaluate import write_eval_records
 from ssl_mt.models.backbone import initial_state
 from ssl_mt.runner import build_trainer, plain, prepare_resume, prepare_run, resolve_ckpt_path
+from ssl_mt.shutdown import freeze_heap_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -89,4 +90,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    freeze_heap_at_exit()
     main()

@@ -41,6 +41,7 @@ from ssl_mt.data.predict_dataset import (
     collect_inputs,
 )
 from ssl_mt.export import ExportError, load_checkpoint, training_normalization
+from ssl_mt.shutdown import freeze_heap_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -211,4 +212,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    freeze_heap_at_exit()
     sys.exit(main())

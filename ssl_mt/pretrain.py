@@ -26,6 +26,7 @@ from ssl_mt.runner import (
     prepare_run,
     resolve_ckpt_path,
 )
+from ssl_mt.shutdown import freeze_heap_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +89,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    freeze_heap_at_exit()
     main()

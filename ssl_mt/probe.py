@@ -47,6 +47,7 @@ from ssl_mt.data.manifest import load_manifest
 from ssl_mt.data.transforms import build_finetune_transform
 from ssl_mt.models.backbone import HUB_CONFIG, HUB_WEIGHTS, create_backbone
 from ssl_mt.models.knn import knn_predict
+from ssl_mt.shutdown import freeze_heap_at_exit
 from ssl_mt.tasks import TaskSpec, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -261,4 +262,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    freeze_heap_at_exit()
     sys.exit(main())

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from ssl_mt.compare.statistics import metric_from_records
+from ssl_mt.compare.ingredients import metric_from_records
 from ssl_mt.config import load_tasks_config
 from ssl_mt.evaluation.records import COLUMNS, read_records
 from ssl_mt.finetune import build_module, run

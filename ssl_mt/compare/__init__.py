@@ -7,8 +7,9 @@ Modules:
 - :mod:`~ssl_mt.compare.arms`: arms (groups of seeds) and Hydra multirun folders;
 - :mod:`~ssl_mt.compare.records`: per-image evaluation records and the tasks they hold;
 - :mod:`~ssl_mt.compare.study_layout`: the ``<arm>/frac<PCT>/seed<S>/`` study folders;
-- :mod:`~ssl_mt.compare.statistics`: metrics from per-image records, the paired bootstrap
-  over images with the variance between seeds, verdicts;
+- :mod:`~ssl_mt.compare.ingredients`: metrics as ratios of per-image sums (the records'
+  columns), :mod:`~ssl_mt.compare.statistics` the paired bootstrap over images with the
+  variance between seeds, intervals and verdicts;
 - :mod:`~ssl_mt.compare.tables`: final/best metrics, jumps at the resolution switch, markdown;
 - :mod:`~ssl_mt.compare.differences`: differences between arms with intervals and verdicts,
   the label-efficiency table;

@@ -32,6 +32,7 @@ from ssl_mt.compare.report import (
 from ssl_mt.compare.run import EXIT_ERROR, CompareError
 from ssl_mt.compare.study_layout import load_study
 from ssl_mt.evaluation.records import CHECKPOINTS
+from ssl_mt.shutdown import freeze_heap_at_exit
 
 STUDY = "study"
 
@@ -176,4 +177,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    freeze_heap_at_exit()
     sys.exit(main())

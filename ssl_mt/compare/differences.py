@@ -13,16 +13,11 @@ import numpy as np
 import pandas as pd
 
 from ssl_mt.compare.arms import Arm
+from ssl_mt.compare.ingredients import GLOBAL_LOSS, ingredients
 from ssl_mt.compare.keys import GLOBAL, LOSS
 from ssl_mt.compare.records import TaskInfo, load_records, task_infos
 from ssl_mt.compare.run import CompareError, read_config
-from ssl_mt.compare.statistics import (
-    GLOBAL_LOSS,
-    BootstrapSettings,
-    Comparison,
-    compare_arms_metrics,
-    ingredients,
-)
+from ssl_mt.compare.statistics import BootstrapSettings, Comparison, compare_arms_metrics
 from ssl_mt.compare.study_layout import StudyCell
 from ssl_mt.compare.tables import metric_label
 from ssl_mt.evaluation.records import RECORDS_DIR

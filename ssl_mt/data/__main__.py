@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.image_io import BadSampleError
 from ssl_mt.data.manifest import ManifestError
+from ssl_mt.shutdown import freeze_heap_at_exit
 from ssl_mt.tasks import TaskConfigError, TaskSpec, parse_tasks
 
 EXIT_PROBLEMS = 1
@@ -210,4 +211,5 @@ def load_augment_config(name_or_path: str) -> DictConfig:
 
 
 if __name__ == "__main__":
+    freeze_heap_at_exit()
     sys.exit(main())

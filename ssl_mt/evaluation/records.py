@@ -16,7 +16,7 @@ in long format: one row per (image, task) the image is labeled for, with the col
 
 ``RUN/eval/<checkpoint>/checkpoint.json`` names the checkpoint file, its epoch and step.
 :mod:`ssl_mt.evaluation.evaluate` writes them. Every validation metric the run logs is a
-ratio of sums of these columns over the images (:mod:`ssl_mt.compare.statistics`), so two
+ratio of sums of these columns over the images (:mod:`ssl_mt.compare.ingredients`), so two
 runs can be compared image by image.
 """
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ssl_mt.compare.ingredients import ingredients, metric_value
 from ssl_mt.compare.statistics import (
     BETTER,
     NO_DIFFERENCE,
@@ -27,9 +28,7 @@ from ssl_mt.compare.statistics import (
     bootstrap,
     compare_arms,
     image_counts,
-    ingredients,
     interval,
-    metric_value,
     verdict,
 )
 
