@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules: composing the apps' configs, reading error causes."""
+"""Helpers shared by the test modules: composing the apps' configs, reading error causes,
+a bare CPU trainer."""
 
 from __future__ import annotations
 
@@ -76,3 +77,23 @@ def block_network(monkeypatch) -> None:
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", offline, raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+
+
+def bare_trainer(root: Path, **settings):
+    """A one-process CPU Trainer that writes nothing but what a test asks for: no logger,
+    checkpoints, progress bar, summary or sanity check; dataloaders reloaded every epoch
+    (as the apps' trainer config does). ``settings`` add to or replace these."""
+    import lightning as L
+
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "reload_dataloaders_every_n_epochs": 1,
+        "default_root_dir": str(root),
+    }
+    return L.Trainer(**{**defaults, **settings})

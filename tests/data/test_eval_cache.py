@@ -14,6 +14,7 @@ from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import MultiTaskDataModule
 from ssl_mt.data.datasets import MultiTaskDataset
 from ssl_mt.data.eval_cache import CachingDataLoader, MemoryBudget, batch_nbytes
+from tests.helpers import bare_trainer
 from tests.models.test_multitask import make_module
 
 
@@ -186,18 +187,7 @@ def _fit(root, tmp_path, eval_cache_mb: float) -> tuple[list[dict[str, float]], 
     module = make_module(eval_sizes=(32, 64))
     datamodule = make_datamodule(root, eval_cache_mb=eval_cache_mb)
     spy = _ValMetrics()
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        reload_dataloaders_every_n_epochs=1,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-        callbacks=[spy],
-    )
+    trainer = bare_trainer(tmp_path, max_epochs=3, callbacks=[spy])
     trainer.fit(module, datamodule=datamodule)
     return spy.per_epoch, datamodule.val_dataloader()
 

@@ -19,6 +19,7 @@ from ssl_mt.data.transforms import build_finetune_transform
 from ssl_mt.models.multitask import MultiTaskModule
 from ssl_mt.schedule import ResolutionSchedule
 from ssl_mt.tasks import parse_tasks
+from tests.helpers import bare_trainer
 
 DECODER = [64, 32, 16, 16, 8]  # conf/backbone/test_efficientnet.yaml
 TASK_NAMES = ("skin", "scalp", "blur", "tone", "relevance")
@@ -198,18 +199,7 @@ def test_freeze_backbone_epochs_keeps_the_encoder_fixed_then_trains_it(synthetic
     )
     spy = _Spy()
     initial = copy.deepcopy(module.net.state_dict())
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        reload_dataloaders_every_n_epochs=1,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-        callbacks=[spy],
-    )
+    trainer = bare_trainer(tmp_path, max_epochs=2, callbacks=[spy])
     trainer.fit(module, datamodule=datamodule)
 
     encoder_keys = [k for k in initial if k.startswith("encoder.")]

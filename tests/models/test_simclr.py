@@ -15,6 +15,7 @@ from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import SSLDataModule
 from ssl_mt.losses.nt_xent import nt_xent_loss
 from ssl_mt.models.simclr import SimCLRModule
+from tests.helpers import bare_trainer
 
 LARS = {
     "name": "lars",
@@ -164,18 +165,10 @@ def test_nothing_grows_with_epochs(synthetic_root: Path, tmp_path: Path):
     datamodule = make_datamodule(synthetic_root, [{"size": 32, "epochs": 3, "batch_size": 8}])
     module = make_module()
     watch = MemoryWatch()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = bare_trainer(
+        tmp_path,
         max_epochs=3,
         limit_train_batches=2,
-        num_sanity_val_steps=0,
-        reload_dataloaders_every_n_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
         callbacks=[watch],
     )
     trainer.fit(module, datamodule=datamodule)
@@ -235,17 +228,7 @@ def _knn_run(root: Path, tmp_path: Path, queries: _Labeled) -> dict[str, float]:
         dark=[{"tone": 2, "relevance": 0}] * 9 + [{"tone": -1, "relevance": 0}] * 3,
         bright=[{"tone": 7, "relevance": 1}] * 12,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = bare_trainer(tmp_path, max_epochs=1, limit_train_batches=1)
     trainer.fit(make_module(), datamodule=_MonitorData(root, bank, queries))
     return {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("knn/")}
 
