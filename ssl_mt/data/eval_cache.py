@@ -64,19 +64,17 @@ class CachingDataLoader(DataLoader):
 
     Args:
         *args: DataLoader arguments; the sampler must give the same order every epoch.
-        budget: Shared :class:`MemoryBudget`; None never caches.
+        budget: The :class:`MemoryBudget` shared by the process's evaluation loaders.
         name: How the log names the loader (e.g. ``val@96``).
         **kwargs: DataLoader keyword arguments.
     """
 
-    def __init__(
-        self, *args: Any, budget: MemoryBudget | None = None, name: str = "eval", **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, budget: MemoryBudget, name: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.budget = budget
         self.name = name
         self.cached: list[Any] | None = None
-        self.cacheable = budget is not None and budget.limit > 0
+        self.cacheable = budget.limit > 0
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         if self.cached is not None:
@@ -88,7 +86,6 @@ class CachingDataLoader(DataLoader):
     def _record(self, batches: Iterator[Any]) -> Iterator[Any]:
         """Yields the batches of one pass; holds them once the pass has produced its last one
         within budget (Lightning stops asking after ``len(loader)`` batches)."""
-        assert self.budget is not None
         expected = len(self)
         held: list[Any] = []
         reserved = 0
@@ -114,7 +111,6 @@ class CachingDataLoader(DataLoader):
                 self.budget.release(reserved)
 
     def _commit(self, held: list[Any], reserved: int) -> None:
-        assert self.budget is not None
         self.cached = held
         self._stop_workers()
         log.info(
@@ -127,7 +123,6 @@ class CachingDataLoader(DataLoader):
         )
 
     def _give_up(self, reserved: int, nbytes: int) -> None:
-        assert self.budget is not None
         self.cacheable = False
         log.info(
             "%s: its batches need more than the %.1f MiB left of data.eval_cache_mb=%g "

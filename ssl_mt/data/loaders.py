@@ -49,8 +49,9 @@ class LoaderSettings:
         cache: MemoryBudget | None = None,
         name: str = "eval",
     ) -> DataLoader:
-        """A loader with these settings; ``cache``: replay the first complete pass from
-        memory within that budget (evaluation loaders, whose items are deterministic)."""
+        """A loader with these settings; ``cache``: a :class:`CachingDataLoader` named
+        ``name`` that replays its first complete pass from memory within that budget
+        (evaluation loaders, whose items are deterministic)."""
         if unrepeated:
             # Every sample once over the ranks (shards differ by at most one), instead of
             # DistributedSampler's padding, which repeats samples and counts them twice in
@@ -67,8 +68,8 @@ class LoaderSettings:
                 seed=self.seed,
                 drop_last=drop_last,
             )
-        caching = {"budget": cache, "name": name} if cache is not None else {}
-        return (CachingDataLoader if cache is not None else DataLoader)(
+        caching = {} if cache is None else {"budget": cache, "name": name}
+        return (DataLoader if cache is None else CachingDataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

@@ -33,7 +33,7 @@ class CountingDataset(Dataset):
         return {"image": torch.full((3, 4, 4), float(index)), "index": index}
 
 
-def make_loader(dataset: Dataset, budget: MemoryBudget | None, **kwargs) -> CachingDataLoader:
+def make_loader(dataset: Dataset, budget: MemoryBudget, **kwargs) -> CachingDataLoader:
     settings = {"batch_size": 4, "sampler": SequentialSampler(dataset)}
     settings.update(kwargs)
     return CachingDataLoader(dataset, budget=budget, name="val@4", **settings)

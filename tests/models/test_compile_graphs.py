@@ -143,10 +143,13 @@ def per_epoch(count: GraphCount) -> list[tuple[int, int, int]]:
 
 
 def check_graphs(
-    count: GraphCount, hits: LimitHits, stages: int, epochs: int = 2
-) -> list[tuple[int, int, int]]:
-    """Asserts graphs are added in the first epoch of each stage only; returns the counts."""
+    count: GraphCount, hits: LimitHits, stages: int, label: str, epochs: int = 2
+) -> None:
+    """Asserts graphs are added in the first epoch of each stage only and that nothing broke
+    a graph; prints the counts."""
     added = per_epoch(count)
+    print(f"{label} graphs per epoch (start, train, val):", added, dict(counters["graph_break"]))
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(added) == stages * epochs, added
     assert not hits.all(), f"{added}: {hits.all()}"
     assert added[0][1] > 0 and sum(added[0][::2]) > 0, added  # training and eval shapes
@@ -155,7 +158,6 @@ def check_graphs(
         assert added[first][1] > 0, f"no new training graph in stage {stage + 1}: {added}"
         for epoch in range(first + 1, first + epochs):
             assert added[epoch] == (0, 0, 0), f"recompiled in epoch {epoch}: {added}"
-    return added
 
 
 def test_finetune_compiles_once_per_stage(
@@ -173,9 +175,7 @@ def test_finetune_compiles_once_per_stage(
         ],
     )
     count = fit_counting(finetune, cfg, backend, monkeypatch)
-    added = check_graphs(count, hits, stages=2)
-    print("finetune graphs per epoch (start, train, val):", added, dict(counters["graph_break"]))
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    check_graphs(count, hits, stages=2, label="finetune")
 
 
 def test_pretrain_compiles_once_per_stage(
@@ -187,9 +187,7 @@ def test_pretrain_compiles_once_per_stage(
         [*COMMON, f"data.root={synthetic_root}", f"run_dir={tmp_path / 'run'}"],
     )
     count = fit_counting(pretrain, cfg, backend, monkeypatch)
-    added = check_graphs(count, hits, stages=2)
-    print("pretrain graphs per epoch (start, train, val):", added, dict(counters["graph_break"]))
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    check_graphs(count, hits, stages=2, label="pretrain")
 
 
 def test_multi_crop_pretraining_over_three_stages_stays_compiled(
@@ -215,9 +213,7 @@ def test_multi_crop_pretraining_over_three_stages_stays_compiled(
         ],
     )
     count = fit_counting(pretrain, cfg, backend, monkeypatch)
-    added = check_graphs(count, hits, stages=3)
-    print("dino graphs per epoch (start, train, val):", added, dict(counters["graph_break"]))
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    check_graphs(count, hits, stages=3, label="dino")
 
 
 def test_raise_recompile_limit_raises_and_never_lowers():
