@@ -516,10 +516,16 @@ def test_cli_errors_exit_2_without_traceback(two_runs: tuple[Path, Path], tmp_pa
 IMAGES = [f"images/{i:04d}.png" for i in range(120)]
 
 
-def write_fake_records(run_dir: Path, quality: float, seed: int, sizes=(64, 96)) -> None:
+RECORDED = (("best", "val"), ("best", "test"), ("last", "val"), ("last", "test"))
+
+
+def write_fake_records(
+    run_dir: Path, quality: float, seed: int, sizes=(64, 96), recorded=RECORDED
+) -> None:
     """Per-image records of a run at both sizes for tasks skin (segmentation) and tone
     (10 classes); ``quality`` shifts every image towards right (IoU, top-1 up, loss down).
-    Image difficulty is shared by every run (the same images); the rest is per run."""
+    Image difficulty is shared by every run (the same images); the rest is per run. The
+    same records stand for every (checkpoint, split) of ``recorded``."""
     from ssl_mt.evaluation.records import as_records, records_path, write_records
 
     shared = np.random.default_rng(0)
@@ -553,7 +559,8 @@ def write_fake_records(run_dir: Path, quality: float, seed: int, sizes=(64, 96))
                 "top5": correct[:100].astype(int),
             }
         )
-        write_records(as_records([skin, tone]), records_path(run_dir, "best", "val", size))
+        for checkpoint, split in recorded:
+            write_records(as_records([skin, tone]), records_path(run_dir, checkpoint, split, size))
 
 
 def make_arm(root: Path, name: str, quality: float, seeds: int, multirun: bool) -> Path:
@@ -577,7 +584,7 @@ def test_cli_arms_of_seeds_print_the_verdict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     stdout = result.stdout
     assert (
-        "Verdict per task (96 px, main metric; val/best" in stdout
+        "Verdict per task (96 px, main metric; test/best (best chosen on val" in stdout
         and "seeds: MT 3, MT+SSL 3" in stdout
     )
     lines = {
@@ -637,7 +644,7 @@ def test_bad_arm_spec_and_mixed_arguments_exit_2(
 # -- label-efficiency study ---------------------------------------------------------------------------
 def test_study_draws_label_efficiency(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     study = tmp_path / "study"
-    for arm, gain in (("mt", 0.0), ("mt_ssl", 1.0)):
+    for arm, gain in (("mt", 0.0), ("mt_ssl", 2.0)):
         for fraction, base in ((5, -1.0), (25, 0.0), (100, 1.0)):
             for seed in range(2):
                 run_dir = study / arm / f"frac{fraction:03d}" / f"seed{seed}"
@@ -651,15 +658,21 @@ def test_study_draws_label_efficiency(capsys: pytest.CaptureFixture, tmp_path: P
             study / "imagenet" / "frac005" / f"seed{seed}", -0.5, 70 + seed, sizes=(64,)
         )
     out = tmp_path / "out"
-    result = _main(capsys, "study", str(study), "--out", str(out), "--bootstrap", "400")
+    # 2000 replicates: p-values down to 0.001, below Holm's first threshold 0.05 / 12; with
+    # 2 seeds per arm the seed part is a t(2) draw, so only a large gain survives Holm.
+    result = _main(capsys, "study", str(study), "--out", str(out), "--bootstrap", "2000")
     assert result.returncode == 0, result.stderr
     text = (out / "study.md").read_text(encoding="utf-8")
     assert "![label efficiency](study.png)" in text
     assert "### skin: IoU ↑ @ 64 px (120 images)" in text
     # the verdicts open the report and are what the command prints: main metrics only
     summary = text.split("## Every metric and eval size")[0]
-    assert "## Verdict per task and label fraction (64 px, main metric; val/best" in summary
+    assert "## Verdict per task and label fraction (64 px, main metric; test/best" in summary
     assert "seeds: mt 2, imagenet 2, mt_ssl 2" in summary
+    assert "Family: main metric per task and global loss @ 64 px × label fractions (12 tests)" in (
+        summary
+    )
+    assert "Holm" in summary and "Seed-to-seed" not in summary
     rows = [line.split("|")[1:-1] for line in summary.splitlines() if line.startswith("| ")]
     cells = {(r[0].strip(), r[2].strip(), r[4].strip()): r[-1].strip() for r in rows[1:]}
     assert cells[("skin", "5%", "mt_ssl")] == "better"

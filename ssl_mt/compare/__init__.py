@@ -26,7 +26,6 @@ The notebook ``notebooks/compare_loss_curves.ipynb`` calls the functions exporte
 from ssl_mt.compare.arms import Arm, load_arms
 from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
-    RecordsChoice,
     comparison_table,
     study_table,
     verdict_table,
@@ -36,6 +35,7 @@ from ssl_mt.compare.figures import save_figure
 from ssl_mt.compare.report import (
     load_choice,
     markdown_report,
+    seed_line,
     study_markdown,
     verdict_text,
     write_comparison,
@@ -43,6 +43,7 @@ from ssl_mt.compare.report import (
     write_study,
 )
 from ssl_mt.compare.run import CompareError, Run, Switch, load_run, load_runs, unique_names
+from ssl_mt.compare.selection import RecordsChoice, resolve_choice
 from ssl_mt.compare.statistics import BootstrapSettings, compare_arms, verdict
 from ssl_mt.compare.study_layout import StudyCell, load_study
 from ssl_mt.compare.study_plot import plot_study
@@ -69,7 +70,9 @@ __all__ = [
     "plot_study",
     "plot_train_losses",
     "plot_val_losses",
+    "resolve_choice",
     "save_figure",
+    "seed_line",
     "study_markdown",
     "study_table",
     "summary_table",

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ssl_mt.compare.arms import load_arms, parse_arm
+from ssl_mt.compare.multiplicity import METHODS
 from ssl_mt.compare.report import (
     load_choice,
     study_summary_text,
@@ -29,9 +30,9 @@ from ssl_mt.compare.report import (
     write_comparison,
     write_study,
 )
-from ssl_mt.compare.run import EXIT_ERROR, CompareError
+from ssl_mt.compare.run import EXIT_ERROR, CompareError, read_config
+from ssl_mt.compare.selection import CHECKPOINT_CHOICES, SPLIT_CHOICES, resolve_choice
 from ssl_mt.compare.study_layout import load_study
-from ssl_mt.evaluation.records import CHECKPOINTS
 from ssl_mt.shutdown import freeze_heap_at_exit
 
 STUDY = "study"
@@ -39,8 +40,23 @@ STUDY = "study"
 
 def _settings_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("statistics (defaults: conf/compare.yaml)")
-    group.add_argument("--checkpoint", choices=CHECKPOINTS, help="records of which checkpoint")
-    group.add_argument("--split", choices=("val", "test"), help="records of which split")
+    group.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINT_CHOICES,
+        help="records of which checkpoint (auto: best on test when there is a test split, "
+        "else last; best is never judged on the split that chose it)",
+    )
+    group.add_argument("--split", choices=SPLIT_CHOICES, help="records of which split")
+    group.add_argument(
+        "--multiplicity",
+        choices=sorted(METHODS),
+        help="adjustment of the family's p-values (statsmodels multipletests)",
+    )
+    group.add_argument(
+        "--reach",
+        type=float,
+        help="'faster': epochs to reach REACH x the reference's final val loss",
+    )
     group.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap replicates")
     group.add_argument("--seed", type=int, help="seed of the bootstrap")
     group.add_argument("--confidence", type=float, help="coverage of the intervals, e.g. 0.95")
@@ -54,6 +70,8 @@ def _choice(args: argparse.Namespace):
             "iterations": args.bootstrap,
             "seed": args.seed,
             "confidence": args.confidence,
+            "multiplicity": args.multiplicity,
+            "reach": args.reach,
         }
     )
 
@@ -133,6 +151,7 @@ def run_compare(argv: Sequence[str]) -> int:
     try:
         choice = _choice(args)
         arms = load_arms(_arm_specs(args))
+        choice = resolve_choice(choice, [(r.path, r.config) for arm in arms for r in arm.runs])
         paths, comparisons = write_comparison(arms, args.out, logy=not args.linear, choice=choice)
     except (CompareError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -156,7 +175,9 @@ def run_study(argv: Sequence[str]) -> int:
     args = _study_parser().parse_args(argv)
     try:
         choice = _choice(args)
-        paths, table = write_study(load_study(args.study), args.out, choice, args.reference)
+        cells = load_study(args.study)
+        choice = resolve_choice(choice, [(run, read_config(run)) for c in cells for run in c.runs])
+        paths, table = write_study(cells, args.out, choice, args.reference)
     except (CompareError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -7,6 +7,7 @@ other metric, then the loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,19 @@ METRIC_LABELS = {
     "top5": "top-5",
     "f1": "F1",
     "loss": "loss",
+    "jump": "jump",
+    "auc": "AUC",
+    "epochs_to_reach": "epochs to reach",
+    "roughness": "roughness",
+}
+# The statistics of the val-loss curves (:mod:`ssl_mt.compare.claims`), all lower is better,
+# and the values each can take.
+JUMP, AUC, REACH, ROUGHNESS = "jump", "auc", "epochs_to_reach", "roughness"
+CLAIM_RANGES = {
+    JUMP: (-math.inf, math.inf),
+    AUC: (0.0, math.inf),
+    REACH: (0.0, math.inf),
+    ROUGHNESS: (0.0, math.inf),
 }
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from ssl_mt.compare.arms import Arm, as_arms
 from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
-    RecordsChoice,
+    _p,
     arm_records,
     comparison_table,
     study_summary,
@@ -23,7 +23,14 @@ from ssl_mt.compare.differences import (
 )
 from ssl_mt.compare.differences_plot import plot_differences
 from ssl_mt.compare.figures import save_figure
-from ssl_mt.compare.run import Run
+from ssl_mt.compare.multiplicity import METHODS, UNADJUSTED, check_method
+from ssl_mt.compare.run import Run, read_config
+from ssl_mt.compare.selection import (
+    CHECKPOINT_CHOICES,
+    SPLIT_CHOICES,
+    RecordsChoice,
+    resolve_choice,
+)
 from ssl_mt.compare.statistics import BootstrapSettings
 from ssl_mt.compare.study_layout import StudyCell
 from ssl_mt.compare.study_plot import plot_study
@@ -44,7 +51,9 @@ SETTINGS_FILE = CONF_DIR / "compare.yaml"
 
 def load_choice(overrides: Mapping[str, Any] | None = None) -> RecordsChoice:
     """``conf/compare.yaml`` with ``overrides`` (``iterations``, ``seed``, ``confidence``,
-    ``checkpoint``, ``split``; None values are ignored)."""
+    ``checkpoint``, ``split``, ``multiplicity``, ``min_images``, ``reach``; None values are
+    ignored). ``auto`` checkpoint and split are settled per comparison
+    (:func:`~ssl_mt.compare.selection.resolve_choice`)."""
     config = OmegaConf.to_container(OmegaConf.load(SETTINGS_FILE), resolve=True)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     boot = {
@@ -53,14 +62,23 @@ def load_choice(overrides: Mapping[str, Any] | None = None) -> RecordsChoice:
     }
     checkpoint = given.get("checkpoint", config["checkpoint"])
     split = given.get("split", config["split"])
-    if checkpoint not in ("best", "last"):
-        raise ValueError(f"checkpoint must be best or last, got {checkpoint!r}")
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"split must be one of {SPLIT_CHOICES}, got {split!r}")
+    min_images = int(given.get("min_images", config["min_images"]))
+    reach = float(given.get("reach", config["claims"]["reach"]))
+    if reach <= 0:
+        raise ValueError(f"claims.reach must be > 0, got {reach}")
     return RecordsChoice(
         checkpoint=checkpoint,
         split=split,
         bootstrap=BootstrapSettings(
             int(boot["iterations"]), int(boot["seed"]), float(boot["confidence"])
         ),
+        multiplicity=check_method(str(given.get("multiplicity", config["multiplicity"]))),
+        min_images=min_images,
+        reach=reach,
     )
 
 
@@ -72,35 +90,97 @@ def _method(
         seeds = "; seeds per arm: " + ", ".join(f"{a.name} {a.seeds}" for a in arms)
     on = f" over {images} images" if images else ""
     return (
-        f"{choice.split} split, {choice.checkpoint} checkpoint of each run; "
-        f"{choice.bootstrap.confidence:.0%} intervals from a paired bootstrap{on} "
-        f"({choice.bootstrap.iterations} replicates, seed {choice.bootstrap.seed}: the same "
-        "resampled images for every arm), plus the variance between seeds when an arm has "
-        "several (a Student-t draw on the seed means, image noise netted out)" + seeds + ". "
-        "Verdict: better / worse only when the whole interval lies on one side of 0, with "
-        "the metric's direction (↑ higher is better, ↓ lower is better)."
+        f"{choice.label}; {choice.bootstrap.confidence:.0%} percentile intervals from a "
+        f"paired bootstrap{on} ({choice.bootstrap.iterations} replicates, seed "
+        f"{choice.bootstrap.seed}: the same resampled images for every arm, drawn within "
+        "strata of images labeled for the same tasks), plus the variance between seeds "
+        "pooled over the arms compared (a Student-t draw on the seed means with the pooled "
+        "degrees of freedom, image noise netted out)" + seeds + ". p = two-sided bootstrap "
+        "p-value of no difference. Verdict: better / worse when p (adjusted, in the family) "
+        "< " + f"{choice.bootstrap.alpha:g}, with the metric's direction (↑ higher is "
+        "better, ↓ lower is better); 'these runs differ' when an arm has one seed."
     )
 
 
+def seed_line(seeds: Mapping[str, int]) -> str:
+    """One line on what the intervals say about seeds ('' when every arm has ≥ 2)."""
+    single = [name for name, n in seeds.items() if n < 2]
+    if not single:
+        return ""
+    how = (
+        "give every arm ≥ 2 seeds (`--arm NAME=RUN,RUN,...` with runs of different seeds, "
+        "or `make study`)"
+    )
+    if len(single) == len(seeds):
+        return (
+            "**Seed-to-seed variance is not covered**: every arm has one seed, so the "
+            "intervals hold only the image sampling and a verdict says that *these runs* "
+            f"differ, not that the method does; {how}."
+        )
+    return (
+        f"**Seed-to-seed variance comes from the other arms only**: {', '.join(single)} "
+        "ha" + ("s" if len(single) == 1 else "ve") + " one seed; the between-seed variance "
+        "is pooled from the arms with several, and a verdict says that *these runs* differ, "
+        f"not that the method does; {how}."
+    )
+
+
+def family_line(table: pd.DataFrame, choice: RecordsChoice) -> str:
+    """The family the verdicts are adjusted over, the method and what is unadjusted."""
+    members = int(table.attrs.get("family size", 0))
+    if not members:
+        return ""
+    line = (
+        f"Family: {table.attrs.get('family', '')} ({members} tests), adjusted together with "
+        f"{METHODS[choice.multiplicity]} ({choice.multiplicity}, statsmodels); every other "
+        "row (other metrics, other sizes) is unadjusted."
+    )
+    if choice.bootstrap.smallest_p > choice.bootstrap.alpha / members:
+        line += (
+            f" With {choice.bootstrap.iterations} replicates the smallest p-value is "
+            f"{choice.bootstrap.smallest_p:.4f}, above {choice.bootstrap.alpha:g}/{members}: "
+            "raise --bootstrap for the adjustment to find anything."
+        )
+    return line
+
+
+def _notes_lines(table: pd.DataFrame) -> list[str]:
+    notes = list(table.attrs.get("notes", ()))
+    warned = table[table["warning"].fillna("").astype(bool)] if "warning" in table else table[:0]
+    for (task, size), part in warned.groupby(["task", "size"], sort=False):
+        notes.append(f"{task} @ {size} px: ⚠ {part['warning'].iloc[0]}")
+    return [f"- {note}" for note in notes]
+
+
+def arm_seeds(arms: Sequence[Arm]) -> dict[str, int]:
+    return {a.name: a.seeds for a in arms}
+
+
 def verdict_text(comparisons: pd.DataFrame, choice: RecordsChoice, arms: Sequence[Arm]) -> str:
-    """The per-task verdict as a markdown table with a one-line heading (printed by the CLI)."""
+    """The per-task verdict as a markdown table under a heading, then what it does not cover:
+    the seed line, the family, and every task or image left out (printed by the CLI)."""
     table = verdict_table(comparisons, choice.bootstrap.confidence)
     if table.empty:
         return ""
     size = table.attrs["size"]
+    at_size = comparisons[comparisons["size"] == size].drop_duplicates("task")
     images = ", ".join(
-        f"{t} {n}"
-        for t, n in comparisons[comparisons["size"] == size]
-        .drop_duplicates("task")[["task", "images"]]
-        .itertuples(index=False)
+        f"{r['task']} {r['images']}"
+        + (f" ({r['images left out']} left out)" if r["images left out"] else "")
+        for r in at_size.to_dict("records")
     )
     heading = (
-        f"Verdict per task ({size} px, main metric; {choice.split}/{choice.checkpoint}; "
+        f"Verdict per task ({size} px, main metric; {choice.label}; "
         f"{choice.bootstrap.confidence:.0%} intervals; images: {images}; seeds: "
         + ", ".join(f"{a.name} {a.seeds}" for a in arms)
         + ")"
     )
-    return heading + "\n\n" + plain_markdown(table)
+    lines = [heading, "", plain_markdown(table), ""]
+    for extra in (seed_line(arm_seeds(arms)), family_line(comparisons, choice)):
+        if extra:
+            lines.append(extra)
+    lines += _notes_lines(comparisons)
+    return "\n".join(lines).rstrip()
 
 
 def _comparison_markdown(comparisons: pd.DataFrame) -> str:
@@ -121,7 +201,12 @@ def _comparison_markdown(comparisons: pd.DataFrame) -> str:
                     f"[{r['difference low']:+.4f}, {r['difference high']:+.4f}]"
                     for r in part.to_dict("records")
                 ],
-                "verdict": part["verdict"],
+                "p": part["p"].map(_p),
+                "p adj.": part["p adjusted"].map(_p),
+                "verdict": [
+                    r["verdict"] + ("" if r["adjustment"] != UNADJUSTED else " (unadjusted)")
+                    for r in part.to_dict("records")
+                ],
                 "images": part["images"],
             }
         )
@@ -247,6 +332,8 @@ def write_comparison(
     arms = as_arms(items)
     runs = [run for arm in arms for run in arm.runs]
     choice = choice or load_choice()
+    if not choice.resolved:
+        choice = resolve_choice(choice, [(run.path, run.config) for run in runs])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -299,10 +386,16 @@ def study_summary_text(table: pd.DataFrame, choice: RecordsChoice) -> str:
         seeds.setdefault(arm, _count_range(part["seeds"]))
     heading = (
         f"## Verdict per task and label fraction ({size} px, main metric; "
-        f"{choice.split}/{choice.checkpoint}; {choice.bootstrap.confidence:.0%} intervals; "
+        f"{choice.label}; {choice.bootstrap.confidence:.0%} intervals; "
         f"images: {images}; seeds: " + ", ".join(f"{a} {n}" for a, n in seeds.items()) + ")"
     )
-    return heading + "\n\n" + plain_markdown(summary)
+    lines = [heading, "", plain_markdown(summary), ""]
+    fewest = {arm: int(n.split("-")[0]) for arm, n in seeds.items()}
+    for extra in (seed_line(fewest), family_line(table, choice)):
+        if extra:
+            lines.append(extra)
+    lines += _notes_lines(table)
+    return "\n".join(lines).rstrip()
 
 
 def _count_range(counts: pd.Series) -> str:
@@ -370,6 +463,8 @@ def write_study(
 ) -> tuple[dict[str, Path], pd.DataFrame]:
     """Writes ``study.md``, ``study.png`` and ``study.csv`` (every row, unrounded) into ``out``."""
     choice = choice or load_choice()
+    if not choice.resolved:
+        choice = resolve_choice(choice, [(run, read_config(run)) for c in cells for run in c.runs])
     table = study_table(cells, choice, reference)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,42 +6,58 @@ counts (B, N) @ ingredients (N, k), one matrix product per seed.
 
 Two sources of uncertainty, both in the interval:
 
-- **images**: the validation set is a sample of images. Every replicate draws image counts
+- **images**: the evaluation set is a sample of images. Every replicate draws image counts
   once and applies them to every arm and seed (a *paired* bootstrap: the arms are compared
-  on the same resampled images, so what an image's difficulty adds to both cancels out);
-- **seeds**: each arm is a sample of training runs. With several seeds per arm, the spread
-  of the per-seed metrics minus what image noise alone explains is each arm's variance
-  between runs (:func:`between_seed_variance`; resampling seeds on top of images would count
-  the image noise twice). Each replicate adds a zero-mean Student-t draw scaled to the
-  variance of the seed means, with Welch–Satterthwaite degrees of freedom: with 3 seeds the
+  on the same resampled images, so what an image's difficulty adds to both cancels out).
+  The draw is *stratified*: images are resampled within strata of fixed size (for the
+  global loss, the images that share a set of labeled tasks), so every replicate holds as
+  many labeled images of each task as the data, and a task with 5 labeled images never
+  vanishes from a replicate;
+- **seeds**: each arm is a sample of training runs. The spread of an arm's per-seed
+  metrics minus what image noise alone explains is its variance between runs
+  (:func:`between_seed_variance`; resampling seeds on top of images would count the image
+  noise twice). The arms of a comparison share one *pooled* estimate of it (weighted by
+  their degrees of freedom ``S_a − 1``, as a pooled t-test does), so an arm of one seed is
+  never treated as free of seed noise. Each replicate adds a zero-mean Student-t draw with
+  the pooled degrees of freedom, scaled to the variance of the seed means: with 3 seeds the
   between-run variance is known only roughly, and a normal draw would be too narrow.
+  With one seed in every arm nothing estimates it: the interval covers the images only,
+  and a verdict is about these runs, not about the method (:func:`worded_verdict`).
 
-The interval is the percentile interval of the replicates. The verdict reads the interval
-with the metric's direction: never "better" or "worse" when the interval contains 0.
+The interval is the percentile interval of the replicates, the p-value the two-sided
+bootstrap p-value of 0 (consistent with it: p < 1 − confidence exactly when 0 lies outside
+the interval, up to the replicate resolution). Verdicts of a declared family are adjusted
+together (:mod:`ssl_mt.compare.multiplicity`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from ssl_mt.compare.ingredients import GLOBAL_LOSS, metric_value
+from ssl_mt.compare.keys import CLAIM_RANGES
 
 BETTER = "better"
 WORSE = "worse"
 NO_DIFFERENCE = "no detectable difference"
+# With one seed in an arm the verdict is about the runs compared, not about their method.
+RUNS_DIFFER = "these runs differ: "
 LOWER_IS_BETTER = frozenset({"loss", GLOBAL_LOSS})
 # Bootstrap image counts are built in blocks of at most this many (replicate, image) cells,
 # so memory stays flat whatever the size of the validation set.
 _BLOCK_CELLS = 4_000_000
 
+ValueFunction = Callable[[np.ndarray], np.ndarray]
+
 
 def is_score(metric: str) -> bool:
-    """True when higher is better (everything but the loss)."""
-    return metric not in LOWER_IS_BETTER
+    """True when higher is better (everything but losses and the curve statistics)."""
+    return metric not in LOWER_IS_BETTER and metric not in CLAIM_RANGES
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,8 @@ class BootstrapSettings:
     Attributes:
         iterations: Bootstrap replicates.
         seed: Seed of the random generator; the same seed gives the same intervals.
-        confidence: Coverage of the intervals (0.95: 95% intervals).
+        confidence: Coverage of the intervals (0.95: 95% intervals); also the level of the
+            verdicts (a difference needs p < 1 − confidence, after adjustment in a family).
     """
 
     iterations: int
@@ -69,6 +86,15 @@ class BootstrapSettings:
         alpha = 1.0 - self.confidence
         return alpha / 2, 1.0 - alpha / 2
 
+    @property
+    def alpha(self) -> float:
+        return 1.0 - self.confidence
+
+    @property
+    def smallest_p(self) -> float:
+        """The smallest bootstrap p-value these replicates can give: 2 / (B + 1)."""
+        return 2.0 / (self.iterations + 1)
+
 
 # -- bootstrap --------------------------------------------------------------------------------------
 def image_counts(rng: np.random.Generator, replicates: int, n: int) -> np.ndarray:
@@ -80,6 +106,34 @@ def image_counts(rng: np.random.Generator, replicates: int, n: int) -> np.ndarra
     picks = rng.integers(0, n, size=(replicates, n))
     picks += np.arange(replicates)[:, None] * n
     return np.bincount(picks.ravel(), minlength=replicates * n).reshape(replicates, n).astype(float)
+
+
+def stratified_counts(
+    rng: np.random.Generator, replicates: int, strata: Sequence[np.ndarray], n: int
+) -> np.ndarray:
+    """:func:`image_counts` drawn within each stratum: every replicate holds exactly as
+    many images of each stratum as the data.
+
+    Args:
+        rng: The generator.
+        replicates: Rows.
+        strata: Disjoint index arrays covering ``range(n)``.
+        n: Images.
+    """
+    counts = np.empty((replicates, n))
+    for members in strata:
+        counts[:, members] = image_counts(rng, replicates, len(members))
+    return counts
+
+
+def strata_of(labels: np.ndarray) -> list[np.ndarray]:
+    """Strata of images with the same row of ``labels`` (N, T): the same labeled tasks."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    _, inverse = np.unique(labels, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return [np.flatnonzero(inverse == k) for k in range(int(inverse.max(initial=-1)) + 1)]
 
 
 def between_seed_variance(per_seed: np.ndarray, replicated: np.ndarray) -> float:
@@ -135,34 +189,47 @@ class Draws:
     def seeds(self, arm: int) -> int:
         return len(self.per_seed[arm])
 
+    def pooled_between(self, arms: Sequence[int] | None = None) -> tuple[float, int]:
+        """The between-run variance pooled over ``arms`` (default all) and its degrees of
+        freedom ``Σ (S_a − 1)``: ``(0, 0)`` when every arm has one seed."""
+        arms = range(len(self.per_seed)) if arms is None else arms
+        dof = [self.seeds(a) - 1 for a in arms]
+        total = sum(dof)
+        if total == 0:
+            return 0.0, 0
+        pooled = sum(d * float(self.between[a]) for a, d in zip(arms, dof, strict=True)) / total
+        return pooled, total
+
+    def covers_seeds(self, arms: Sequence[int] | None = None) -> bool:
+        """True when the seed-to-seed variance is estimated: some arm has ≥ 2 seeds."""
+        return self.pooled_between(arms)[1] > 0
+
     def replicates(self, weights: Sequence[float]) -> np.ndarray:
         """Replicates of ``Σ weights[a] · arm a``, images and seeds: (B,).
 
-        The image part is the paired bootstrap; the seed part a zero-mean Student-t draw with
-        the variance ``Σ w_a² · between_a / S_a`` of the seed means and the
-        Welch–Satterthwaite degrees of freedom of those components (``S_a − 1`` each): with
-        3 seeds the between-run variance is known only roughly, and a normal draw (or a
-        plain resampling of 3 seeds) would make the interval too narrow.
+        The image part is the paired bootstrap; the seed part a zero-mean Student-t draw
+        with the variance ``σ²_pooled · Σ w_a² / S_a`` of the seed means and the pooled
+        degrees of freedom, over the arms with a non-zero weight (the pooled t-test's
+        assumption: one between-run variance for the arms compared).
         """
         weights = np.asarray(weights, dtype=float)
         image = self.image_replicates @ weights
-        parts = np.array(
-            [
-                w * w * b / self.seeds(a)
-                for a, (w, b) in enumerate(zip(weights, self.between, strict=True))
-            ]
-        )
-        variance = float(parts.sum())
-        if variance <= 0.0:
+        used = [a for a, w in enumerate(weights) if w != 0.0]
+        pooled, dof = self.pooled_between(used)
+        variance = pooled * float(sum(weights[a] ** 2 / self.seeds(a) for a in used))
+        if variance <= 0.0 or dof == 0:
             return image
-        dof = [self.seeds(a) - 1 for a in range(len(parts))]
-        df = variance**2 / sum(p * p / d for p, d in zip(parts, dof, strict=True) if p > 0)
         rng = np.random.default_rng([self.seed, 1])
         # se · T(df): the interval of a t-test on the seed means, added to the image part.
-        return image + math.sqrt(variance) * rng.standard_t(df, size=len(image))
+        return image + math.sqrt(variance) * rng.standard_t(dof, size=len(image))
 
 
-def bootstrap(arms: Sequence[np.ndarray], metric: str, settings: BootstrapSettings) -> Draws:
+def bootstrap(
+    arms: Sequence[np.ndarray],
+    metric: str,
+    settings: BootstrapSettings,
+    strata: Sequence[np.ndarray] | None = None,
+) -> Draws:
     """Paired bootstrap over images plus the between-run variance of every arm.
 
     Args:
@@ -170,54 +237,86 @@ def bootstrap(arms: Sequence[np.ndarray], metric: str, settings: BootstrapSettin
             images in the same order for every arm and seed), k ingredients of ``metric``.
         metric: The metric (see :func:`metric_value`).
         settings: Replicates, random seed.
+        strata: Images resampled within each of these index arrays (default: one stratum).
     """
-    return bootstrap_metrics({metric: arms}, settings)[metric]
+    return bootstrap_metrics({metric: arms}, settings, strata)[metric]
 
 
 def bootstrap_metrics(
-    arms_by_metric: Mapping[str, Sequence[np.ndarray]], settings: BootstrapSettings
+    arms_by_metric: Mapping[str, Sequence[np.ndarray]],
+    settings: BootstrapSettings,
+    strata: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Draws]:
     """:func:`bootstrap` of several metrics on the same images, with the same image draws
     (drawn once: at 30k images they cost more than the sums). Each metric's draws equal
     those of :func:`bootstrap` of that metric alone."""
-    shapes = [x.shape for arms in arms_by_metric.values() for x in arms]
-    if not shapes or any(not arms for arms in arms_by_metric.values()):
+    groups = [
+        (arms, {metric: partial(metric_value, metric)}) for metric, arms in arms_by_metric.items()
+    ]
+    return bootstrap_functions(groups, settings, strata)
+
+
+def bootstrap_functions(
+    groups: Sequence[tuple[Sequence[np.ndarray], Mapping[str, ValueFunction]]],
+    settings: BootstrapSettings,
+    strata: Sequence[np.ndarray] | None = None,
+) -> dict[str, Draws]:
+    """The paired, stratified bootstrap of named statistics of ingredient sums.
+
+    Args:
+        groups: ``(arms, functions)``: per arm the ingredients ``(S, N, k)`` (N the same
+            images for every group), and the statistics computed from their sums, each a
+            function of ``(..., k)`` sums to ``(...)`` values. The image draws are the same
+            for every group; one matrix product per arm and group serves all its functions.
+        settings: Replicates and seed.
+        strata: Images resampled within each of these index arrays (default: one stratum).
+
+    Raises:
+        ValueError: No arm, arms on different images, or no image.
+    """
+    shapes = [x.shape for arms, _ in groups for x in arms]
+    if not shapes or any(not arms for arms, _ in groups):
         raise ValueError("no arm to bootstrap")
     n = shapes[0][1]
     if any(len(shape) != 3 or shape[1] != n for shape in shapes):
         raise ValueError(f"every arm needs (seeds, {n} images, k) ingredients: {shapes}")
     if n == 0:
         raise ValueError("no image to bootstrap over")
+    strata = [np.arange(n)] if strata is None else list(strata)
+    if sum(len(s) for s in strata) != n:
+        raise ValueError(f"strata of {sum(len(s) for s in strata)} images for {n} images")
     rng = np.random.default_rng(settings.seed)
     iterations = settings.iterations
     replicated = {
-        metric: [np.empty((iterations, x.shape[0])) for x in arms]
-        for metric, arms in arms_by_metric.items()
+        name: [np.empty((iterations, x.shape[0])) for x in arms]
+        for arms, functions in groups
+        for name in functions
     }
     block = max(1, _BLOCK_CELLS // n)
     for start in range(0, iterations, block):
-        counts = image_counts(rng, min(block, iterations - start), n)  # the same for all arms
-        for metric, arms in arms_by_metric.items():
-            for values, x in zip(replicated[metric], arms, strict=True):
+        rows = min(block, iterations - start)
+        counts = stratified_counts(rng, rows, strata, n)  # the same for all arms and groups
+        for arms, functions in groups:
+            for a, x in enumerate(arms):
                 seeds, _, k = x.shape
                 # One matrix product for all seeds: (b, N) @ (N, S·k).
-                sums = counts @ x.transpose(1, 0, 2).reshape(n, seeds * k)
-                values[start : start + len(counts)] = metric_value(
-                    metric, sums.reshape(len(counts), seeds, k)
-                )
+                sums = (counts @ x.transpose(1, 0, 2).reshape(n, seeds * k)).reshape(rows, seeds, k)
+                for name, function in functions.items():
+                    replicated[name][a][start : start + rows] = function(sums)
     draws = {}
-    for metric, arms in arms_by_metric.items():
-        per_seed = [metric_value(metric, x.sum(axis=1)) for x in arms]
-        values = replicated[metric]
-        draws[metric] = Draws(
-            per_seed=per_seed,
-            image_replicates=np.stack([v.mean(axis=1) for v in values], axis=1),
-            between=np.array(
-                [between_seed_variance(p, v) for p, v in zip(per_seed, values, strict=True)]
-            ),
-            images=n,
-            seed=settings.seed,
-        )
+    for arms, functions in groups:
+        for name, function in functions.items():
+            per_seed = [np.asarray(function(x.sum(axis=1)), dtype=float) for x in arms]
+            values = replicated[name]
+            draws[name] = Draws(
+                per_seed=per_seed,
+                image_replicates=np.stack([v.mean(axis=1) for v in values], axis=1),
+                between=np.array(
+                    [between_seed_variance(p, v) for p, v in zip(per_seed, values, strict=True)]
+                ),
+                images=n,
+                seed=settings.seed,
+            )
     return draws
 
 
@@ -230,6 +329,38 @@ def interval(replicates: np.ndarray, settings: BootstrapSettings) -> tuple[float
     return float(low), float(high)
 
 
+def p_value(replicates: np.ndarray) -> float:
+    """The two-sided bootstrap p-value of "no difference": twice the smaller share of
+    replicates on either side of 0 (each counted with the ``+1`` of an exact test, so it is
+    never 0; the smallest is ``2 / (B + 1)``)."""
+    replicates = np.asarray(replicates, dtype=float)
+    if np.isnan(replicates).any():
+        raise ValueError("NaN bootstrap replicates: a metric without any labeled image")
+    b = len(replicates)
+    below = int((replicates <= 0).sum())
+    above = int((replicates >= 0).sum())
+    return min(1.0, 2.0 * (min(below, above) + 1) / (b + 1))
+
+
+def direction(difference: float, metric: str) -> str:
+    """``better`` or ``worse`` for a difference B − A, with the metric's direction."""
+    return BETTER if (difference > 0) == is_score(metric) else WORSE
+
+
+def worded_verdict(found: str | None, method: bool) -> str:
+    """The verdict as printed: ``better`` / ``worse`` about the method (``method``: every arm
+    has ≥ 2 seeds), ``these runs differ: better`` about the runs (one seed in an arm), or
+    ``no detectable difference`` (``found`` None)."""
+    if found is None:
+        return NO_DIFFERENCE
+    return found if method else RUNS_DIFFER + found
+
+
+def verdict_direction(verdict: str) -> str:
+    """``better`` / ``worse`` / ``no detectable difference`` of a worded verdict."""
+    return verdict.removeprefix(RUNS_DIFFER)
+
+
 def verdict(low: float, high: float, metric: str) -> str:
     """``better`` / ``worse`` / ``no detectable difference`` for an interval of B − A.
 
@@ -239,9 +370,9 @@ def verdict(low: float, high: float, metric: str) -> str:
     if math.isnan(low) or math.isnan(high):
         return NO_DIFFERENCE
     if low > 0:
-        return BETTER if is_score(metric) else WORSE
+        return direction(1.0, metric)
     if high < 0:
-        return WORSE if is_score(metric) else BETTER
+        return direction(-1.0, metric)
     return NO_DIFFERENCE
 
 
@@ -268,8 +399,12 @@ class Comparison:
         arm: The compared arm's :class:`ArmSummary`.
         difference: arm − reference (mean over seeds of each).
         low, high: The interval of the difference.
-        verdict: See :func:`verdict`.
+        verdict: From the interval alone (unadjusted), worded by :func:`worded_verdict`.
         images: Images both arms were evaluated on.
+        p_value: Two-sided bootstrap p-value of no difference (unadjusted).
+        method: True when both arms have ≥ 2 seeds (a verdict about the method).
+        seed_variance: True when the interval holds seed-to-seed variance (some arm has
+            ≥ 2 seeds: the pooled estimate).
     """
 
     metric: str
@@ -280,10 +415,16 @@ class Comparison:
     high: float
     verdict: str
     images: int
+    p_value: float = math.nan
+    method: bool = True
+    seed_variance: bool = True
 
 
 def value_range(metric: str) -> tuple[float, float]:
-    """The values a metric can take: scores in [0, 1], losses >= 0."""
+    """The values a metric can take: scores in [0, 1], losses >= 0, curve statistics as
+    :mod:`ssl_mt.compare.claims` declares them."""
+    if metric in CLAIM_RANGES:
+        return CLAIM_RANGES[metric]
     return (0.0, 1.0) if is_score(metric) else (0.0, math.inf)
 
 
@@ -293,11 +434,26 @@ def _clip(bounds: tuple[float, float], low: float, high: float) -> tuple[float, 
 
 
 def summarise(
-    draws: Draws, arm: int, name: str, settings: BootstrapSettings, metric: str = "loss"
+    draws: Draws,
+    arm: int,
+    name: str,
+    settings: BootstrapSettings,
+    metric: str = "loss",
+    pooled_over: Sequence[int] | None = None,
 ) -> ArmSummary:
+    """One arm's value with its interval (seed variance pooled over ``pooled_over``, default
+    every arm of ``draws``)."""
     weights = np.zeros(len(draws.per_seed))
     weights[arm] = 1.0
-    low, high = _clip(value_range(metric), *interval(draws.replicates(weights), settings))
+    replicates = draws.replicates(weights)
+    pooled, dof = draws.pooled_between(pooled_over)
+    if dof > 0 and draws.seeds(arm) >= 1:
+        # The arm's own interval takes the pooled variance even where it has one seed.
+        rng = np.random.default_rng([draws.seed, 2, arm])
+        replicates = draws.image_replicates[:, arm] + math.sqrt(
+            pooled / draws.seeds(arm)
+        ) * rng.standard_t(dof, size=len(replicates))
+    low, high = _clip(value_range(metric), *interval(replicates, settings))
     return ArmSummary(
         name=name,
         value=draws.value(arm),
@@ -313,6 +469,7 @@ def compare_arms(
     names: Sequence[str],
     metric: str,
     settings: BootstrapSettings,
+    strata: Sequence[np.ndarray] | None = None,
 ) -> list[Comparison]:
     """Every arm after the first against the first (the reference), on one metric.
 
@@ -321,38 +478,54 @@ def compare_arms(
         names: Arm names, in the order of ``arms``.
         metric: The metric.
         settings: Bootstrap settings.
+        strata: See :func:`bootstrap`.
     """
-    return compare_arms_metrics({metric: arms}, names, settings)[metric]
+    return compare_arms_metrics({metric: arms}, names, settings, strata)[metric]
 
 
 def compare_arms_metrics(
     arms_by_metric: Mapping[str, Sequence[np.ndarray]],
     names: Sequence[str],
     settings: BootstrapSettings,
+    strata: Sequence[np.ndarray] | None = None,
 ) -> dict[str, list[Comparison]]:
     """:func:`compare_arms` for several metrics on the same images (one set of image draws)."""
     if any(len(names) != len(arms) for arms in arms_by_metric.values()):
         raise ValueError(f"{len(names)} names for arms {[len(a) for a in arms_by_metric.values()]}")
+    return compare_draws(bootstrap_metrics(arms_by_metric, settings, strata), names, settings)
+
+
+def compare_draws(
+    draws_by_statistic: Mapping[str, Draws], names: Sequence[str], settings: BootstrapSettings
+) -> dict[str, list[Comparison]]:
+    """Every arm after the first against the first, for each statistic's draws."""
     results = {}
-    for metric, draws in bootstrap_metrics(arms_by_metric, settings).items():
-        reference = summarise(draws, 0, names[0], settings, metric)
+    for metric, draws in draws_by_statistic.items():
         lowest, highest = value_range(metric)
         span = (lowest - highest, highest - lowest)  # what a difference can be
         comparisons = []
         for a in range(1, len(names)):
+            pair = [0, a]
             weights = np.zeros(len(names))
-            weights[[0, a]] = -1.0, 1.0
-            low, high = _clip(span, *interval(draws.replicates(weights), settings))
+            weights[pair] = -1.0, 1.0
+            replicates = draws.replicates(weights)
+            low, high = _clip(span, *interval(replicates, settings))
+            difference = draws.value(a) - draws.value(0)
+            method = draws.seeds(0) >= 2 and draws.seeds(a) >= 2
+            found = verdict(low, high, metric)
             comparisons.append(
                 Comparison(
                     metric=metric,
-                    reference=reference,
-                    arm=summarise(draws, a, names[a], settings, metric),
-                    difference=draws.value(a) - draws.value(0),
+                    reference=summarise(draws, 0, names[0], settings, metric, pair),
+                    arm=summarise(draws, a, names[a], settings, metric, pair),
+                    difference=difference,
                     low=low,
                     high=high,
-                    verdict=verdict(low, high, metric),
+                    verdict=worded_verdict(None if found == NO_DIFFERENCE else found, method),
                     images=draws.images,
+                    p_value=p_value(replicates),
+                    method=method,
+                    seed_variance=draws.covers_seeds(pair),
                 )
             )
         results[metric] = comparisons

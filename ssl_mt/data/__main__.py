@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--unlabeled-fraction", type=float, default=0.2)
     generate.add_argument("--val-fraction", type=float, default=0.15)
     generate.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.15,
+        help="share of images in the test split: where a checkpoint chosen on val is judged",
+    )
+    generate.add_argument(
         "--unlabeled-images",
         type=float,
         default=0.0,
@@ -134,6 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
         irrelevant_fraction=args.irrelevant_fraction,
         unlabeled_fraction=args.unlabeled_fraction,
         val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
         unlabeled_images=args.unlabeled_images,
         workers=args.workers,
     )

@@ -47,7 +47,7 @@ def test_writes_the_manifest_format(synthetic_root: Path, default_tasks) -> None
     assert tuple(table.columns) == COLUMNS
     assert len(table) == 48
     assert (table["image"] != "").all()
-    assert set(table["split"]) <= {"train", "val"}
+    assert set(table["split"]) == {"train", "val", "test"}  # a test split by default
     samples = load_manifest(synthetic_root, default_tasks)  # the loader accepts it as is
     assert len(samples) == 48
     image = read_image(samples[0].image)
@@ -170,7 +170,7 @@ def test_unlabeled_images_have_no_label_at_all_and_only_in_train(tmp_path: Path)
     empty = (table[list(COLUMNS[2:])] == "").all(axis=1)
     train = table["split"] == "train"
     assert 0.45 < empty[train].mean() < 0.75
-    assert not empty[~train].any()  # val stays labeled: every run is scored on it
+    assert not empty[~train].any()  # val and test stay labeled: every run is scored on them
     masked = {p.name.split("_")[0] for p in (root / "masks").iterdir()}
     assert not masked & {Path(image).stem for image in table.loc[empty, "image"]}
 
@@ -191,6 +191,7 @@ def test_unlabeled_fraction_is_roughly_respected(tmp_path: Path) -> None:
     for column in ("skin_mask", "scalp_mask", "blur", "tone", "relevance"):
         assert 0.22 < (table[column] == "").mean() < 0.38, column
     assert 0.13 < (table["split"] == "val").mean() < 0.27
+    assert 0.08 < (table["split"] == "test").mean() < 0.22  # the default 0.15
     # Cells of a mask column that are empty have no file behind them.
     written = {str(p.relative_to(root)) for p in (root / "masks").iterdir()}
     assert written == set(table["skin_mask"][table["skin_mask"] != ""]) | set(
@@ -207,6 +208,8 @@ def test_unlabeled_fraction_is_roughly_respected(tmp_path: Path) -> None:
         ({"unlabeled_fraction": -0.1}, "unlabeled_fraction"),
         ({"val_fraction": 1.5}, "val_fraction"),
         ({"unlabeled_images": 1.0}, "unlabeled_images"),
+        ({"test_fraction": -0.1}, "test_fraction"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "test_fraction"),
     ],
 )
 def test_bad_arguments_raise(tmp_path: Path, kwargs: dict, name: str) -> None:

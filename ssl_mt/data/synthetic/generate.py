@@ -41,6 +41,7 @@ class _Settings:
     irrelevant_fraction: float
     unlabeled_fraction: float
     val_fraction: float
+    test_fraction: float
     unlabeled_images: float
     digits: int
 
@@ -53,6 +54,7 @@ def generate_dataset(
     irrelevant_fraction: float = 0.15,
     unlabeled_fraction: float = 0.2,
     val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
     unlabeled_images: float = 0.0,
     workers: int = 0,
     progress: bool = True,
@@ -67,7 +69,9 @@ def generate_dataset(
         irrelevant_fraction: Share of images without a person (relevance ``irrelevant``,
             no skin/scalp mask, no tone).
         unlabeled_fraction: Share of label cells left empty, drawn independently per task.
-        val_fraction: Share of images in the ``val`` split (the rest is ``train``).
+        val_fraction: Share of images in the ``val`` split.
+        test_fraction: Share of images in the ``test`` split (the rest is ``train``): the
+            images a checkpoint chosen on ``val`` is judged on (``python -m ssl_mt.compare``).
         unlabeled_images: Share of the ``train`` images with no label at all (every label
             cell empty): images only self-supervised pretraining can use, as in a real
             collection where few photos are annotated. ``val`` stays labeled.
@@ -83,7 +87,14 @@ def generate_dataset(
         ValueError: An argument is out of range; the message names it.
     """
     _validate(
-        n, size, irrelevant_fraction, unlabeled_fraction, val_fraction, unlabeled_images, workers
+        n,
+        size,
+        irrelevant_fraction,
+        unlabeled_fraction,
+        val_fraction,
+        test_fraction,
+        unlabeled_images,
+        workers,
     )
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -95,6 +106,7 @@ def generate_dataset(
         irrelevant_fraction=irrelevant_fraction,
         unlabeled_fraction=unlabeled_fraction,
         val_fraction=val_fraction,
+        test_fraction=test_fraction,
         unlabeled_images=unlabeled_images,
         digits=max(5, len(str(n - 1))),
     )
@@ -114,6 +126,7 @@ def _validate(
     irrelevant_fraction: float,
     unlabeled_fraction: float,
     val_fraction: float,
+    test_fraction: float,
     unlabeled_images: float,
     workers: int,
 ) -> None:
@@ -125,11 +138,17 @@ def _validate(
         "irrelevant_fraction": irrelevant_fraction,
         "unlabeled_fraction": unlabeled_fraction,
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "unlabeled_images": unlabeled_images,
     }
     for name, value in fractions.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be < 1 (no train image left), got "
+            f"{val_fraction} + {test_fraction}"
+        )
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0 = one per CPU core), got {workers}")
 
@@ -166,7 +185,14 @@ def _write_sample(settings: _Settings, index: int) -> dict[str, str]:
     # Every label decision is drawn first, in a fixed order, so it never depends on content.
     relevant = bool(rng.random() >= settings.irrelevant_fraction)
     blur = BLUR_CLASSES[int(rng.integers(len(BLUR_CLASSES)))]
-    split = "val" if rng.random() < settings.val_fraction else "train"
+    # One draw decides the split, so the other decisions do not depend on the fractions.
+    draw = rng.random()
+    if draw < settings.val_fraction:
+        split = "val"
+    elif draw < settings.val_fraction + settings.test_fraction:
+        split = "test"
+    else:
+        split = "train"
     unlabeled = dict(
         zip(
             LABEL_COLUMNS, rng.random(len(LABEL_COLUMNS)) < settings.unlabeled_fraction, strict=True
