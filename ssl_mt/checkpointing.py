@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ssl_mt.safe_loading import HYDRA_OPT_IN, UnsafeCheckpointError, load_checkpoint_file
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -80,19 +82,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         atomic_torch_save(checkpoint, path)
 
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Lightning's restores (``fit``/``test`` with ``ckpt_path``): weights-only unless the
+        caller passes ``weights_only=False`` (``trust_checkpoint=true``); Lightning's unset
+        ``None`` never falls back to full unpickling (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``)."""
+        return load_checkpoint_file(
+            path,
+            trust=weights_only is False,
+            opt_in=HYDRA_OPT_IN,
+            map_location=map_location or "cpu",
+        )
 
-def is_loadable(path: Path) -> bool:
-    """Whether a checkpoint file opens (a torn file from another writer would not)."""
+
+def is_loadable(path: Path, trust: bool = False) -> bool:
+    """Whether a checkpoint file opens (a torn file from another writer would not).
+
+    Raises:
+        UnsafeCheckpointError: The file holds pickled Python objects and ``trust``
+            (``trust_checkpoint=true``) is not given: refused, never taken for a torn file.
+    """
     try:
-        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        load_checkpoint_file(path, trust=trust, opt_in=HYDRA_OPT_IN, mmap=True)
+    except UnsafeCheckpointError:
+        raise
     except Exception as error:
         log.warning("checkpoint %s is not loadable (%s)", path, error)
         return False
     return True
 
 
-def latest_run_with_checkpoint(experiment_dir: Path, exclude: Path | None = None) -> Path | None:
-    """The most recent run folder below ``experiment_dir`` holding a loadable last.ckpt."""
+def latest_run_with_checkpoint(
+    experiment_dir: Path, exclude: Path | None = None, trust: bool = False
+) -> Path | None:
+    """The most recent run folder below ``experiment_dir`` holding a loadable last.ckpt
+    (see :func:`is_loadable` for ``trust``)."""
     if not experiment_dir.is_dir():
         return None
     candidates = sorted(
@@ -101,7 +126,7 @@ def latest_run_with_checkpoint(experiment_dir: Path, exclude: Path | None = None
         reverse=True,
     )
     for candidate in candidates:
-        if is_loadable(candidate):
+        if is_loadable(candidate, trust=trust):
             return candidate.parent.parent
     return None
 

@@ -216,7 +216,13 @@ def check_group_keys(cfg: DictConfig) -> None:
 
 def check_types(cfg: DictConfig) -> None:
     """Type checks of the app-level settings (groups are checked by their constructors)."""
-    expected = {"seed": int, "channels_last": bool, "compile": bool, "experiment_name": str}
+    expected = {
+        "seed": int,
+        "channels_last": bool,
+        "compile": bool,
+        "experiment_name": str,
+        "trust_checkpoint": bool,
+    }
     for key, kind in expected.items():
         if key in cfg and not isinstance(cfg[key], kind):
             raise TypeError(f"config key {key!r} must be {kind.__name__}, got {cfg[key]!r}")

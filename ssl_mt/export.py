@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -42,6 +41,12 @@ from ssl_mt.models.backbone import (
     create_backbone,
     export_backbone,
     match_state_dict,
+)
+from ssl_mt.safe_loading import (
+    CLI_OPT_IN,
+    UnsafeCheckpointError,
+    add_trust_argument,
+    load_checkpoint_file,
 )
 from ssl_mt.shutdown import freeze_heap_at_exit
 
@@ -54,19 +59,35 @@ COMPILED_INFIX = "_orig_mod."
 ENCODER_FILE = "encoder.safetensors"
 
 
+# What ``torch.load`` raises for a file that is no (whole) ``torch.save`` file.
+_NOT_A_TORCH_FILE = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    ImportError,
+    UnicodeDecodeError,
+)
+
+
 class ExportError(ValueError):
     """The file cannot be exported; the message says why."""
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a Lightning checkpoint on the CPU.
+def load_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """Reads a Lightning checkpoint on the CPU, weights-only (tensors and plain containers).
 
-    Tries a weights-only load first. Checkpoints of the apps hold their Hydra config
-    (OmegaConf objects) in ``hyper_parameters``, which needs full unpickling, as Lightning
-    itself does to resume: export only checkpoints you trust.
+    Args:
+        path: The checkpoint.
+        trust: ``--trust-checkpoint``: the user made this file (e.g. an older run whose
+            hyper-parameters are OmegaConf objects) and allows full unpickling of it.
 
     Raises:
         FileNotFoundError: No such file.
+        UnsafeCheckpointError: Not trusted, and the file holds pickled Python objects.
         ExportError: The file is not a checkpoint.
     """
     path = Path(path)
@@ -76,14 +97,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         f"{path} is not a Lightning checkpoint (a torch.save file with a 'state_dict'); "
         "pass e.g. RUN/checkpoints/last.ckpt"
     )
-    errors = (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except errors:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except (*errors, AttributeError, ImportError, UnicodeDecodeError) as err:
-            raise not_ckpt from err
+        ckpt = load_checkpoint_file(path, trust=trust, opt_in=CLI_OPT_IN)
+    except UnsafeCheckpointError:
+        raise
+    except _NOT_A_TORCH_FILE as err:
+        raise not_ckpt from err
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise not_ckpt
     return dict(ckpt)
@@ -157,7 +176,11 @@ def _write_encoder_file(tensors: Mapping[str, Tensor], out: Path, meta: Mapping[
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, out: str | Path, onnx: bool = False, size: int | None = None
+    ckpt_path: str | Path,
+    out: str | Path,
+    onnx: bool = False,
+    size: int | None = None,
+    trust: bool = False,
 ) -> Path:
     """Writes the export of a pretraining or fine-tuning checkpoint into the folder ``out``.
 
@@ -166,6 +189,7 @@ def export_checkpoint(
         out: The output folder (created; an existing export there is replaced).
         onnx: Fine-tuning checkpoints only: also write ``out/model.onnx``.
         size: ONNX example input side (default: the last evaluation size of the run).
+        trust: ``--trust-checkpoint`` (see :func:`load_checkpoint`).
 
     Returns:
         ``out``.
@@ -173,6 +197,7 @@ def export_checkpoint(
     Raises:
         FileNotFoundError: The checkpoint does not exist.
         ExportError: Not a checkpoint, no backbone in it, or ``out`` is a file name.
+        UnsafeCheckpointError: The checkpoint holds pickled Python objects (not trusted).
         BackboneError: The tensors do not fit the model named in its hyper-parameters.
     """
     ckpt_path, out = Path(ckpt_path), Path(out)
@@ -181,7 +206,7 @@ def export_checkpoint(
             f"--out is a folder (an export is config.json + model.safetensors, or "
             f"encoder.safetensors and model.onnx), got {out}"
         )
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, trust=trust)
     state = ckpt["state_dict"]
     pretrain = _strip(state, PRETRAIN_PREFIX)
     finetune = _strip(state, FINETUNE_PREFIX)
@@ -268,10 +293,9 @@ def export_checkpoint(
                 f"{ckpt_path}: neither the checkpoint nor its run folder records the input "
                 "normalisation (augment.mean/std) the model was trained with"
             )
-        # Trusted checkpoints only (as load_checkpoint): older runs pickled OmegaConf objects.
-        module = MultiTaskModule.load_from_checkpoint(
-            ckpt_path, map_location="cpu", weights_only=False
-        )
+        # The module from the tensors already read: the file is loaded once, weights-only.
+        module = MultiTaskModule(**dict(hparams))
+        module.load_state_dict(state, strict=True)
         export_onnx(module, out, size=size or image_size or 224, mean=norm[0], std=norm[1])
     return out
 
@@ -293,11 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=int, default=None, help="ONNX example input side (default: last eval size)"
     )
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export_checkpoint(args.ckpt, args.out, onnx=args.onnx, size=args.size)
-    except (FileNotFoundError, ExportError, BackboneError) as err:
+        out = export_checkpoint(
+            args.ckpt, args.out, onnx=args.onnx, size=args.size, trust=args.trust_checkpoint
+        )
+    except (FileNotFoundError, ExportError, BackboneError, UnsafeCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")

@@ -75,11 +75,12 @@ def run(cfg: DictConfig) -> Path:
     datamodule.setup("fit")  # manifest errors surface now, before any model is built
     module = build_module(cfg, init_weights=ckpt_path is None)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trusted = bool(cfg.trust_checkpoint)  # else every checkpoint loads weights-only
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trusted)
     if cfg.test_after_fit and datamodule.samples.get("test"):
-        trainer.test(module, datamodule=datamodule, ckpt_path="best")
+        trainer.test(module, datamodule=datamodule, ckpt_path="best", weights_only=not trusted)
     if cfg.eval_records:
-        write_eval_records(trainer, module, datamodule, run_dir)
+        write_eval_records(trainer, module, datamodule, run_dir, trust=trusted)
     return run_dir
 
 

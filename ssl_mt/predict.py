@@ -41,6 +41,7 @@ from ssl_mt.data.predict_dataset import (
     collect_inputs,
 )
 from ssl_mt.export import ExportError, load_checkpoint, training_normalization
+from ssl_mt.safe_loading import add_trust_argument
 from ssl_mt.shutdown import freeze_heap_at_exit
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,13 @@ class PredictError(ValueError):
     """The checkpoint or the options cannot be used; the message says why."""
 
 
-def load_module(ckpt_path: str | Path):
+def load_module(ckpt_path: str | Path, trust: bool = False):
     """The :class:`~ssl_mt.models.multitask.MultiTaskModule` of a fine-tuning checkpoint, on
-    the CPU, in eval mode, and its hyper-parameters. Trusted checkpoints only (full unpickling,
-    as Lightning's own resume)."""
+    the CPU, in eval mode, and its hyper-parameters. The file is read weights-only unless
+    ``trust`` (``--trust-checkpoint``)."""
     from ssl_mt.models.multitask import MultiTaskModule
 
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, trust=trust)
     hparams = ckpt.get("hyper_parameters") or {}
     if "tasks" not in hparams:
         raise PredictError(
@@ -107,18 +108,21 @@ def predict(
     metrics: bool = False,
     accelerator: str = "auto",
     precision: str | None = None,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Predicts every image of ``source`` (see the module docstring).
+
+    ``trust``: ``--trust-checkpoint``, full unpickling of a checkpoint holding Python objects.
 
     Returns:
         ``{"images": count, "metrics": per task or None}``.
 
     Raises:
-        FileNotFoundError, ExportError, PredictError, ManifestError, BadSampleError: with the
-            file named.
+        FileNotFoundError, ExportError, PredictError, ManifestError, BadSampleError,
+            UnsafeCheckpointError: with the file named.
     """
     ckpt_path, out = Path(ckpt_path), Path(out)
-    module, hparams = load_module(ckpt_path)
+    module, hparams = load_module(ckpt_path, trust=trust)
     norm = training_normalization(ckpt_path, hparams)
     if norm is None:
         raise PredictError(
@@ -185,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--metrics", action="store_true", help="labels.csv input: report metrics per task"
     )
     parser.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -198,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlays=args.overlays,
             metrics=args.metrics,
             accelerator=args.accelerator,
+            trust=args.trust_checkpoint,
         )
     except (FileNotFoundError, ExportError, PredictError, ManifestError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -63,7 +63,8 @@ def run(cfg: DictConfig) -> Path:
     datamodule.setup("fit")  # manifest errors surface now, before any model is built
     module = build_module(cfg, init_weights=ckpt_path is None)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trusted = bool(cfg.trust_checkpoint)  # else the checkpoint loads weights-only
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trusted)
     if trainer.is_global_zero:
         out = export_backbone(
             module.backbone,

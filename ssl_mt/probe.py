@@ -7,8 +7,10 @@ BACKBONE is one of
   ``config.json``'s ``architecture``);
 - ``random:<timm name>``: the same architecture, randomly initialised;
 - ``imagenet:<timm name>``: timm's hub weights (needs network access), or
-  ``imagenet:<timm name>=<file>`` for a local copy of them, loaded through timm's
-  ``pretrained_cfg_overlay=dict(file=...)`` (offline).
+  ``imagenet:<timm name>=<file>`` for a local copy of them (offline): a ``.safetensors``
+  file goes to timm's ``pretrained_cfg_overlay=dict(file=...)``; a torch file is read
+  weights-only (``--trust-checkpoint`` allows full unpickling of one you made yourself) and
+  handed to timm as ``pretrained_cfg_overlay=dict(state_dict=...)``.
 
 Every backbone is scored on the same images: features of the manifest's train split
 (resized to ``--size``, no augmentation) fit a logistic regression (scikit-learn, on
@@ -24,6 +26,7 @@ import argparse
 import json
 import logging
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,7 @@ from ssl_mt.data.manifest import load_manifest
 from ssl_mt.data.transforms import build_finetune_transform
 from ssl_mt.models.backbone import HUB_CONFIG, HUB_WEIGHTS, create_backbone
 from ssl_mt.models.knn import knn_predict
+from ssl_mt.safe_loading import CLI_OPT_IN, add_trust_argument, load_checkpoint_file
 from ssl_mt.shutdown import freeze_heap_at_exit
 from ssl_mt.tasks import TaskSpec, parse_tasks
 
@@ -62,21 +66,51 @@ class BackboneSpec:
     pretrained: bool = False
     weights: Path | None = None
     overlay_file: Path | None = None
+    trust: bool = False
 
     def build(self) -> torch.nn.Module:
         kwargs = {}
-        if self.overlay_file is not None:
+        if self.overlay_file is not None and self.overlay_file.suffix == ".safetensors":
             kwargs["pretrained_cfg_overlay"] = {"file": str(self.overlay_file)}
+        elif self.overlay_file is not None:
+            state = overlay_state_dict(self.overlay_file, self.trust)
+            kwargs["pretrained_cfg_overlay"] = {"state_dict": state}
         return create_backbone(
             self.name, pretrained=self.pretrained, weights=self.weights, **kwargs
         )
 
 
-def parse_backbone(text: str) -> BackboneSpec:
-    """Parses one BACKBONE argument (see the module docstring).
+def overlay_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a torch weights file, picked as timm's ``load_state_dict`` does.
+
+    Weights-only, with ``argparse.Namespace`` allowed (timm's training checkpoints keep
+    their arguments in one, and timm's own loader allows it too).
+
+    Raises:
+        UnsafeCheckpointError: The file holds other Python objects and ``trust`` is not set.
+    """
+    from timm.models import clean_state_dict
+
+    checkpoint = load_checkpoint_file(
+        path, trust=trust, opt_in=CLI_OPT_IN, allow=[argparse.Namespace]
+    )
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if checkpoint.get(key) is not None:
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(checkpoint).__name__}")
+    return clean_state_dict(checkpoint)
+
+
+def parse_backbone(text: str, trust: bool = False) -> BackboneSpec:
+    """Parses one BACKBONE argument (see the module docstring); ``trust``: see
+    :func:`overlay_state_dict`.
 
     Raises:
         ValueError: An unknown form, or a file that does not exist; the message names it.
+        UnsafeCheckpointError: A torch weights file that holds Python objects (untrusted).
     """
     if text.startswith("random:"):
         return BackboneSpec(label=text, name=text.removeprefix("random:"))
@@ -85,7 +119,17 @@ def parse_backbone(text: str) -> BackboneSpec:
         overlay = Path(file) if file else None
         if overlay is not None and not overlay.is_file():
             raise ValueError(f"{text}: ImageNet weights file {overlay} does not exist")
-        return BackboneSpec(label=text, name=name, pretrained=True, overlay_file=overlay)
+        if overlay is not None and overlay.suffix != ".safetensors" and not trust:
+            # Refused now, not after the backbones before it: cheap (mapped, weights-only).
+            load_checkpoint_file(
+                overlay,
+                opt_in=CLI_OPT_IN,
+                mmap=zipfile.is_zipfile(overlay),
+                allow=[argparse.Namespace],
+            )
+        return BackboneSpec(
+            label=text, name=name, pretrained=True, overlay_file=overlay, trust=trust
+        )
     path = Path(text)
     if path.is_dir():
         config = path / HUB_CONFIG
@@ -167,9 +211,13 @@ def run_probe(
     c: float = 1.0,
     batch_size: int = 64,
     num_workers: int = 0,
+    trust: bool = False,
 ) -> pd.DataFrame:
-    """Probes every backbone on the same split; writes ``probe.csv`` and ``probe.md``."""
-    specs = [parse_backbone(b) for b in backbones]
+    """Probes every backbone on the same split; writes ``probe.csv`` and ``probe.md``.
+
+    ``trust``: ``--trust-checkpoint`` for torch weights files (see :func:`overlay_state_dict`).
+    """
+    specs = [parse_backbone(b, trust=trust) for b in backbones]
     cls_tasks = [t for t in parse_tasks(load_tasks_config(tasks)) if not t.is_segmentation]
     if not cls_tasks:
         raise ValueError(f"tasks {tasks!r}: no classification task to probe")
@@ -239,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the probe")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -252,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             c=args.c,
             batch_size=args.batch_size,
             num_workers=args.workers,
+            trust=args.trust_checkpoint,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -27,6 +27,7 @@ from ssl_mt.checkpointing import (
 from ssl_mt.config import check_group_keys, check_top_level_keys, check_types
 from ssl_mt.console import quiet_known_noise
 from ssl_mt.loggers import EpochMetricsInCheckpoint, restore_epoch_row, truncate_after
+from ssl_mt.safe_loading import HYDRA_OPT_IN, load_checkpoint_file
 from ssl_mt.sync_batchnorm import TimmSyncBatchNorm
 
 log = logging.getLogger(__name__)
@@ -114,20 +115,23 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
       recent run of the same app and experiment — whose directory this run then continues;
     - ``null``: a new run; any other value: that checkpoint file.
 
-    The run directory may change (``last``), so ``cfg.run_dir`` is updated in place.
+    The run directory may change (``last``), so ``cfg.run_dir`` is updated in place. Every
+    candidate is opened weights-only: one holding pickled Python objects is refused
+    (:class:`~ssl_mt.safe_loading.UnsafeCheckpointError`) unless ``trust_checkpoint=true``.
     """
     value = cfg.get("ckpt_path")
     if value in (None, "", "null"):
         return None
+    trust = trusts_checkpoints(cfg)
     run_dir = Path(cfg.run_dir)
     own = run_dir / "checkpoints" / LAST
     if value in ("auto", "last"):
-        newest = newest_loadable([own, *run_dir.glob("hpc_ckpt_*.ckpt")])
+        newest = newest_loadable([own, *run_dir.glob("hpc_ckpt_*.ckpt")], trust=trust)
         if newest is not None:
             return str(newest)
         if value == "auto":
             return None
-        previous = latest_run_with_checkpoint(run_dir.parent, exclude=run_dir)
+        previous = latest_run_with_checkpoint(run_dir.parent, exclude=run_dir, trust=trust)
         if previous is None:
             raise FileNotFoundError(
                 f"ckpt_path=last: no loadable checkpoints/{LAST} in {run_dir} nor in any run "
@@ -140,16 +144,24 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file")
+    load_checkpoint_file(path, trust=trust, opt_in=HYDRA_OPT_IN, mmap=True)  # refuses code
     return str(path)
 
 
-def newest_loadable(paths: list[Path]) -> Path | None:
+def trusts_checkpoints(cfg: DictConfig) -> bool:
+    """``trust_checkpoint=true``: the user allows full unpickling of the checkpoint to resume
+    (only the boolean true; :func:`prepare_run` rejects other values)."""
+    return cfg.get("trust_checkpoint", False) is True
+
+
+def newest_loadable(paths: list[Path], trust: bool = False) -> Path | None:
     """The most recent loadable checkpoint among ``paths``: last.ckpt, or the one Lightning
-    writes before a SLURM requeue (``hpc_ckpt_N.ckpt``), whichever is newer."""
+    writes before a SLURM requeue (``hpc_ckpt_N.ckpt``), whichever is newer (see
+    :func:`~ssl_mt.checkpointing.is_loadable` for ``trust``)."""
     existing = sorted(
         (p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
     )
-    return next((p for p in existing if is_loadable(p)), None)
+    return next((p for p in existing if is_loadable(p, trust=trust)), None)
 
 
 def _abandon_fresh_run_dir(run_dir: Path) -> None:
@@ -174,7 +186,9 @@ def prepare_resume(cfg: DictConfig, ckpt_path: str | None) -> None:
                 aside.name,
             )
         return
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_checkpoint_file(
+        ckpt_path, trust=trusts_checkpoints(cfg), opt_in=HYDRA_OPT_IN, mmap=True
+    )
     epoch, step = int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
     dropped = truncate_after(metrics, epoch, step)
     if restore_epoch_row(metrics, checkpoint):

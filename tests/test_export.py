@@ -22,6 +22,7 @@ from ssl_mt.models.backbone import BackboneError
 from ssl_mt.models.multitask import MultiTaskModule
 from ssl_mt.models.multitask_net import MultiTaskNet, timm_key
 from ssl_mt.models.simclr import SimCLRModule
+from ssl_mt.safe_loading import UnsafeCheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIM = {"name": "adamw", "base_lr": 1e-3, "lr_scaling": "none", "weight_decay": 0.0}
@@ -115,16 +116,20 @@ def test_pretrain_checkpoint_exports_the_backbone(pretrain_ckpt, simclr_module, 
 
 
 def test_checkpoint_with_omegaconf_hyper_parameters(simclr_module, tmp_path):
-    """Older runs saved OmegaConf objects in hyper_parameters: they need full unpickling."""
+    """Older runs saved OmegaConf objects in hyper_parameters: they need full unpickling,
+    which only ``--trust-checkpoint`` allows."""
     from omegaconf import OmegaConf
 
     state = {f"backbone.{k}": v for k, v in simclr_module.backbone.state_dict().items()}
     hparams = {"backbone": OmegaConf.create({"name": "test_efficientnet"}), "image_size": 64}
     path = tmp_path / "omegaconf.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
-    with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
-        torch.load(path, weights_only=True)
-    out = export_checkpoint(path, tmp_path / "b")
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"omegaconf\.ckpt: refused.*--trust-checkpoint"
+    ):
+        export_checkpoint(path, tmp_path / "b")
+    assert main([str(path), "--out", str(tmp_path / "b"), "--trust-checkpoint"]) == 0
+    out = tmp_path / "b"
     assert_same(load_file(str(out / "model.safetensors")), simclr_module.backbone.state_dict())
 
 

@@ -29,6 +29,7 @@ from ssl_mt.evaluation.records import (
     records_path,
     write_records,
 )
+from ssl_mt.safe_loading import HYDRA_OPT_IN, load_checkpoint_file
 from ssl_mt.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -167,13 +168,14 @@ def _loaders(datamodule: Any, splits: Sequence[str]) -> Iterator[tuple]:
 
 
 def write_eval_records(
-    trainer: Any, module: Any, datamodule: Any, run_dir: str | Path
+    trainer: Any, module: Any, datamodule: Any, run_dir: str | Path, trust: bool = False
 ) -> list[Path]:
     """Evaluates the best and last checkpoints and writes their records (global rank 0 only).
 
     A plain loop without collectives: the other ranks are done by then. A checkpoint that
     is missing (no ``ModelCheckpoint``, or nothing saved yet) is named in the log; when best
     and last are the same training state, the last one's records are a copy of the best's.
+    Checkpoints load weights-only; ``trust`` (``trust_checkpoint=true``) allows full unpickling.
 
     Returns:
         The records files written.
@@ -194,7 +196,7 @@ def write_eval_records(
     written: list[Path] = []
     done: dict[tuple[int, int], str] = {}
     for tag, path in files.items():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_checkpoint_file(path, trust=trust, opt_in=HYDRA_OPT_IN, mmap=True)
         identity = _identity(checkpoint)
         info = {"checkpoint": str(path), "epoch": identity[0], "global_step": identity[1]}
         info_path = run_dir / RECORDS_DIR / tag / CHECKPOINT_INFO

@@ -24,6 +24,7 @@ from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
 from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step
 from ssl_mt.models.task_metrics import step_mean
 from ssl_mt.optim import build_optimizer, decay_groups
+from ssl_mt.safe_loading import plain_hyper_parameters
 
 
 def to_channels_last(x: Tensor, enabled: bool) -> Tensor:
@@ -93,6 +94,10 @@ class SSLModule(L.LightningModule):
         return []
 
     # -- shared -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain containers only (OmegaConf arguments too): checkpoints load weights-only.
+        plain_hyper_parameters(checkpoint)
+
     def configure_model(self) -> None:
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
