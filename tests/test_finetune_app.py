@@ -415,3 +415,27 @@ def test_a_val_split_without_tone_labels_selects_the_best_checkpoint_by_the_glob
     )
     named = [r for r in caplog.records if "no labeled sample of task(s) ['tone']" in r.message]
     assert len(named) == 1, "named once, not every epoch"
+
+
+def test_curve_records_hold_every_epochs_per_image_val_losses(two_stage_run: Path):
+    """RUN/eval/curves: per epoch and size, the per-image losses whose task means are the
+    logged val losses; at the last epoch, the very losses of the last checkpoint's records."""
+    from ssl_mt.callbacks.curve_records import curve_path
+
+    df = metrics(two_stage_run)
+    folder = two_stage_run / "eval" / "curves"
+    for size in (32, 64):
+        logged = df[df[f"val/{size}/global/loss"].notna()].set_index("epoch")
+        for epoch in (0, 1):
+            curve = pd.read_csv(curve_path(folder, size, epoch))
+            assert list(curve.columns) == ["image", "task", "loss"]
+            assert not curve.duplicated(["image", "task"]).any()
+            for task in TASKS:
+                mean = curve.loc[curve["task"] == task, "loss"].mean()
+                expected = logged.loc[epoch, f"val/{size}/{task}/loss"]
+                assert mean == pytest.approx(expected, rel=1e-5), (size, epoch, task)
+        last = read_records(two_stage_run / "eval" / "last" / f"val_{size}.csv.gz")
+        final = curve.set_index(["image", "task"])["loss"]
+        again = last.set_index(["image", "task"])["loss"].reindex(final.index)
+        assert again.notna().all()
+        assert final.to_numpy() == pytest.approx(again.to_numpy(), rel=1e-5, abs=1e-6)

@@ -21,7 +21,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from ssl_mt.compare.arms import load_arms, parse_arm
+from ssl_mt.compare.claims_report import claims_summary
 from ssl_mt.compare.multiplicity import METHODS
 from ssl_mt.compare.report import (
     load_choice,
@@ -159,6 +162,10 @@ def run_compare(argv: Sequence[str]) -> int:
     if comparisons is not None and not comparisons.empty:
         print(verdict_text(comparisons, choice, arms))
         print()
+        summary = claims_summary(comparisons.attrs.get("claims", pd.DataFrame()))
+        if summary:
+            print(summary)
+            print()
     elif len(arms) > 1:
         print(
             "no verdict: some runs have no per-image evaluation records "

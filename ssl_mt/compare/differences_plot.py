@@ -9,7 +9,7 @@ from matplotlib.lines import Line2D
 
 from ssl_mt.compare.figures import blank_figure
 from ssl_mt.compare.keys import METRIC_LABELS
-from ssl_mt.compare.statistics import BETTER, NO_DIFFERENCE, WORSE, is_score
+from ssl_mt.compare.statistics import BETTER, NO_DIFFERENCE, WORSE, is_score, verdict_direction
 
 VERDICT_COLOURS = {BETTER: "#1a9641", WORSE: "#d7191c", NO_DIFFERENCE: "0.45"}
 
@@ -42,7 +42,7 @@ def plot_differences(comparisons: pd.DataFrame) -> Figure:
             ]
             y = np.arange(len(part))[::-1]
             for yi, r in zip(y, part.to_dict("records"), strict=True):
-                colour = VERDICT_COLOURS[r["verdict"]]
+                colour = VERDICT_COLOURS[verdict_direction(r["verdict"])]
                 span = [r["difference low"], r["difference high"]]
                 axes.plot(span, [yi, yi], color=colour, linewidth=2.2)
                 axes.plot([r["difference"]], [yi], "o", color=colour, markersize=5)

@@ -12,6 +12,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ssl_mt.compare.arms import Arm, as_arms
+from ssl_mt.compare.claims import claims_table
+from ssl_mt.compare.claims_report import claims_markdown
 from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
     _p,
@@ -23,6 +25,7 @@ from ssl_mt.compare.differences import (
 )
 from ssl_mt.compare.differences_plot import plot_differences
 from ssl_mt.compare.figures import save_figure
+from ssl_mt.compare.keys import JUMP
 from ssl_mt.compare.multiplicity import METHODS, UNADJUSTED, check_method
 from ssl_mt.compare.run import Run, read_config
 from ssl_mt.compare.selection import (
@@ -35,7 +38,6 @@ from ssl_mt.compare.statistics import BootstrapSettings
 from ssl_mt.compare.study_layout import StudyCell
 from ssl_mt.compare.study_plot import plot_study
 from ssl_mt.compare.tables import (
-    _jump_verdicts,
     _metric_column,
     dataframe_to_markdown,
     flat_columns,
@@ -228,6 +230,7 @@ def markdown_report(
     comparisons: pd.DataFrame | None = None,
     choice: RecordsChoice | None = None,
     missing: Sequence[Path] = (),
+    claims: pd.DataFrame | None = None,
 ) -> str:
     """The comparison as markdown: runs; the differences between arms with their intervals
     and verdicts (from the evaluation records); switch jumps; final/best metrics per
@@ -240,6 +243,7 @@ def markdown_report(
         comparisons: :func:`~ssl_mt.compare.tables.comparison_table` (None: not computed).
         choice: The records and bootstrap settings behind ``comparisons``.
         missing: Runs without evaluation records (named in the report).
+        claims: :func:`~ssl_mt.compare.claims.claims_table` (None: not computed).
     """
     arms = as_arms(items)
     runs = [run for arm in arms for run in arm.runs]
@@ -272,7 +276,9 @@ def markdown_report(
             lines += [_method(choice, arms), "", verdict_text(comparisons, choice, arms), ""]
             lines += ["All metrics and sizes: value [interval] per arm, Δ = arm − reference.", ""]
             lines += [_comparison_markdown(comparisons)]
-    lines += ["## Jump of the validation loss at the resolution switch", ""]
+    if claims is not None:
+        lines += [claims_markdown(claims, choice), ""]
+    lines += ["## Per-run jumps of the logged validation loss (no interval)", ""]
     jumps = jump_table(runs)
     if jumps.empty:
         lines += ["No run changed its training resolution: no jump to measure.", ""]
@@ -288,7 +294,6 @@ def markdown_report(
             ),
             "",
         ]
-        lines += _jump_verdicts(jumps, runs)
         lines += [dataframe_to_markdown(jumps), ""]
     lines += [
         "## Final and best validation metrics",
@@ -356,14 +361,30 @@ def write_comparison(
                 plot_differences(comparisons), out / "differences.png"
             )
             images = {"differences with their intervals": paths["differences"].name, **images}
+    claims = None
+    if len(arms) > 1:
+        claims = claims_table(
+            [a.name for a in arms],
+            [[run.path for run in a.runs] for a in arms],
+            runs[0].config,
+            runs[0].switches,
+            choice,
+        )
+        paths["claims"] = out / "claims.csv"
+        claims.to_csv(paths["claims"], index=False)
     report = out / "report.md"
-    text = markdown_report(arms, images, comparisons, choice, missing)
+    text = markdown_report(arms, images, comparisons, choice, missing, claims)
     report.write_text(text + "\n", encoding="utf-8")
     paths["report"] = report
     paths["summary"] = out / "summary.csv"
     flat_columns(summary_table(runs)).to_csv(paths["summary"])
     paths["jumps"] = out / "jumps.csv"
-    flat_columns(jump_table(runs)).to_csv(paths["jumps"])
+    if claims is not None and not claims.empty:  # with intervals
+        claims[claims["statistic"] == JUMP].to_csv(paths["jumps"], index=False)
+    else:  # the logged curves of each run, no interval
+        flat_columns(jump_table(runs)).to_csv(paths["jumps"])
+    if comparisons is not None and claims is not None:
+        comparisons.attrs["claims"] = claims
     return paths, comparisons
 
 

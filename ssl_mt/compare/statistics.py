@@ -136,28 +136,37 @@ def strata_of(labels: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(inverse == k) for k in range(int(inverse.max(initial=-1)) + 1)]
 
 
-def between_seed_variance(per_seed: np.ndarray, replicated: np.ndarray) -> float:
-    """The variance between training runs of one arm, net of each run's image noise.
+def seed_spread(per_seed: np.ndarray, replicated: np.ndarray) -> tuple[float, float]:
+    """What one arm's seeds tell about the variance between runs.
 
-    The spread ``s²`` of the per-seed metrics (all on the same images) is the variance
-    between runs plus each run's own noise over the images, which the image bootstrap already
-    carries: ``v``, the replicated variance of a seed's deviation from the mean over seeds
-    (times ``S / (S − 1)``). Resampling seeds on top of images would count ``v`` twice.
+    Every seed is evaluated on the same images, so a seed's metric is the arm's value plus
+    the run's own deviation (its training randomness *and* its own noise on those images);
+    the images' shared difficulty is common to all seeds and drops out of their spread.
 
     Args:
         per_seed: (S,) each seed's metric on all images.
         replicated: (B, S) each seed's metric in every image replicate.
 
     Returns:
-        ``max(s² − v, 0)``; 0 with a single seed (nothing to estimate it from).
+        ``(s², v)``: the spread of the per-seed metrics (``ddof=1``; the variance of a run's
+        whole deviation), and ``v``, the part of it that is the run's noise on the images,
+        as the image bootstrap sees it (the replicated variance of a seed's deviation from
+        the mean over seeds, times ``S / (S − 1)``). ``(nan, nan)`` with one seed.
     """
     seeds = len(per_seed)
     if seeds < 2:
-        return 0.0
+        return math.nan, math.nan
     spread = float(np.var(per_seed, ddof=1))
     deviations = replicated - replicated.mean(axis=1, keepdims=True)
     image_noise = float(deviations.var(axis=0, ddof=1).mean()) * seeds / (seeds - 1)
-    return max(spread - image_noise, 0.0)
+    return spread, image_noise
+
+
+def between_seed_variance(per_seed: np.ndarray, replicated: np.ndarray) -> float:
+    """The variance between training runs of one arm net of each run's image noise:
+    ``max(s² − v, 0)`` of :func:`seed_spread`; 0 with a single seed."""
+    spread, image_noise = seed_spread(per_seed, replicated)
+    return 0.0 if math.isnan(spread) else max(spread - image_noise, 0.0)
 
 
 @dataclass(frozen=True)
@@ -167,14 +176,16 @@ class Draws:
     Attributes:
         per_seed: Per arm, the metric of every seed on all images: (S_a,) each.
         image_replicates: (B, A) each arm's mean over seeds in every (paired) image replicate.
-        between: (A,) each arm's variance between runs (:func:`between_seed_variance`).
+        spread: (A,) each arm's spread of the per-seed metrics (NaN with one seed).
+        image_noise: (A,) the part of it that is the runs' noise on the images (NaN with one).
         images: Number of images (the same for every arm).
         seed: Seed of the generator of the seed-variance draws.
     """
 
     per_seed: list[np.ndarray]
     image_replicates: np.ndarray
-    between: np.ndarray
+    spread: np.ndarray
+    image_noise: np.ndarray
     images: int
     seed: int
 
@@ -189,39 +200,70 @@ class Draws:
     def seeds(self, arm: int) -> int:
         return len(self.per_seed[arm])
 
-    def pooled_between(self, arms: Sequence[int] | None = None) -> tuple[float, int]:
-        """The between-run variance pooled over ``arms`` (default all) and its degrees of
-        freedom ``Σ (S_a − 1)``: ``(0, 0)`` when every arm has one seed."""
-        arms = range(len(self.per_seed)) if arms is None else arms
+    @property
+    def between(self) -> np.ndarray:
+        """(A,) each arm's variance between runs net of image noise (0 with one seed)."""
+        return np.nan_to_num(np.maximum(self.spread - self.image_noise, 0.0))
+
+    def pooled(self, arms: Sequence[int] | None = None) -> tuple[float, float, int]:
+        """``(s², v, dof)`` pooled over ``arms`` (default all) with weights ``S_a − 1``, as
+        a pooled t-test pools: ``(nan, nan, 0)`` when every arm has one seed."""
+        arms = list(range(len(self.per_seed)) if arms is None else arms)
         dof = [self.seeds(a) - 1 for a in arms]
         total = sum(dof)
         if total == 0:
-            return 0.0, 0
-        pooled = sum(d * float(self.between[a]) for a, d in zip(arms, dof, strict=True)) / total
-        return pooled, total
+            return math.nan, math.nan, 0
+        used = [(a, d) for a, d in zip(arms, dof, strict=True) if d > 0]
+        spread = sum(d * float(self.spread[a]) for a, d in used) / total
+        noise = sum(d * float(self.image_noise[a]) for a, d in used) / total
+        return spread, noise, total
+
+    def pooled_between(self, arms: Sequence[int] | None = None) -> tuple[float, int]:
+        """The pooled between-run variance net of image noise and its degrees of freedom."""
+        spread, noise, dof = self.pooled(arms)
+        return (0.0, 0) if dof == 0 else (max(spread - noise, 0.0), dof)
 
     def covers_seeds(self, arms: Sequence[int] | None = None) -> bool:
         """True when the seed-to-seed variance is estimated: some arm has ≥ 2 seeds."""
-        return self.pooled_between(arms)[1] > 0
+        return self.pooled(arms)[2] > 0
 
-    def replicates(self, weights: Sequence[float]) -> np.ndarray:
-        """Replicates of ``Σ weights[a] · arm a``, images and seeds: (B,).
+    def replicates(
+        self, weights: Sequence[float], pooled_over: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Replicates of ``Σ weights[a] · arm a`` over images and seeds: (B,).
 
-        The image part is the paired bootstrap; the seed part a zero-mean Student-t draw
-        with the variance ``σ²_pooled · Σ w_a² / S_a`` of the seed means and the pooled
-        degrees of freedom, over the arms with a non-zero weight (the pooled t-test's
-        assumption: one between-run variance for the arms compared).
+        The estimate's variance has two parts. One is shared by every seed: the images'
+        sample, through the arms' different responses to the same images; the paired image
+        bootstrap carries it. The other is each run's own deviation, training randomness and
+        noise on the images alike, whose variance the pooled spread ``s²`` of the per-seed
+        metrics estimates with ``Σ (S_a − 1)`` degrees of freedom: ``s² · Σ w_a² / S_a``,
+        drawn as a scaled Student t (the pooled t-test on the seed means). The image
+        replicates hold that run noise too (``v · Σ w_a² / S_a``), so they are shrunk to the
+        shared part before the t draw is added. With one seed in every arm nothing
+        estimates the run part: the image bootstrap alone (an interval about these runs).
+
+        Args:
+            weights: One weight per arm.
+            pooled_over: The arms whose seeds estimate the spread (default: those with a
+                non-zero weight); an arm of one seed gets the spread of the others.
         """
         weights = np.asarray(weights, dtype=float)
         image = self.image_replicates @ weights
         used = [a for a, w in enumerate(weights) if w != 0.0]
-        pooled, dof = self.pooled_between(used)
-        variance = pooled * float(sum(weights[a] ** 2 / self.seeds(a) for a in used))
-        if variance <= 0.0 or dof == 0:
+        spread, noise, dof = self.pooled(used if pooled_over is None else pooled_over)
+        if dof == 0:
             return image
-        rng = np.random.default_rng([self.seed, 1])
-        # se · T(df): the interval of a t-test on the seed means, added to the image part.
-        return image + math.sqrt(variance) * rng.standard_t(dof, size=len(image))
+        share = float(sum(weights[a] ** 2 / self.seeds(a) for a in used))
+        image_variance = float(image.var(ddof=1)) if len(image) > 1 else 0.0
+        shared = max(image_variance - noise * share, 0.0)
+        scale = math.sqrt(shared / image_variance) if image_variance > 0 else 0.0
+        rng = np.random.default_rng([self.seed, 1, *used])
+        runs = math.sqrt(max(spread, 0.0) * share) * rng.standard_t(dof, size=len(image))
+        return self.value_of(weights) + (image - image.mean()) * scale + runs
+
+    def value_of(self, weights: Sequence[float]) -> float:
+        """``Σ weights[a] · value(a)``: the point estimate of a weighted combination."""
+        return float(sum(w * self.value(a) for a, w in enumerate(weights) if w != 0.0))
 
 
 def bootstrap(
@@ -308,12 +350,12 @@ def bootstrap_functions(
         for name, function in functions.items():
             per_seed = [np.asarray(function(x.sum(axis=1)), dtype=float) for x in arms]
             values = replicated[name]
+            spreads = [seed_spread(p, v) for p, v in zip(per_seed, values, strict=True)]
             draws[name] = Draws(
                 per_seed=per_seed,
                 image_replicates=np.stack([v.mean(axis=1) for v in values], axis=1),
-                between=np.array(
-                    [between_seed_variance(p, v) for p, v in zip(per_seed, values, strict=True)]
-                ),
+                spread=np.array([spread for spread, _ in spreads]),
+                image_noise=np.array([noise for _, noise in spreads]),
                 images=n,
                 seed=settings.seed,
             )
@@ -445,14 +487,10 @@ def summarise(
     every arm of ``draws``)."""
     weights = np.zeros(len(draws.per_seed))
     weights[arm] = 1.0
-    replicates = draws.replicates(weights)
-    pooled, dof = draws.pooled_between(pooled_over)
-    if dof > 0 and draws.seeds(arm) >= 1:
-        # The arm's own interval takes the pooled variance even where it has one seed.
-        rng = np.random.default_rng([draws.seed, 2, arm])
-        replicates = draws.image_replicates[:, arm] + math.sqrt(
-            pooled / draws.seeds(arm)
-        ) * rng.standard_t(dof, size=len(replicates))
+    if pooled_over is not None and arm not in pooled_over:
+        raise ValueError(f"arm {arm} is not among the arms pooled over {list(pooled_over)}")
+    # The seed part pooled over the arms compared, also where this arm has one seed.
+    replicates = draws.replicates(weights, pooled_over)
     low, high = _clip(value_range(metric), *interval(replicates, settings))
     return ArmSummary(
         name=name,

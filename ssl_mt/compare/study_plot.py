@@ -9,7 +9,7 @@ from matplotlib.lines import Line2D
 
 from ssl_mt.compare.figures import RUN_MARKERS, TASK_COLOURS, blank_figure
 from ssl_mt.compare.keys import LOSS, METRIC_LABELS
-from ssl_mt.compare.statistics import BETTER, NO_DIFFERENCE, is_score
+from ssl_mt.compare.statistics import BETTER, NO_DIFFERENCE, is_score, verdict_direction
 
 
 def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
@@ -64,7 +64,7 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
                 )
                 if arm != reference:
                     for r in own.itertuples():
-                        if r.verdict == NO_DIFFERENCE:
+                        if verdict_direction(r.verdict) == NO_DIFFERENCE:
                             continue
                         axes.plot(
                             [r.fraction * (1 + offset)],
@@ -73,7 +73,9 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
                             markersize=11,
                             linestyle="none",
                             markeredgecolor=colours[arm],
-                            markerfacecolor=colours[arm] if r.verdict == BETTER else "white",
+                            markerfacecolor=colours[arm]
+                            if verdict_direction(r.verdict) == BETTER
+                            else "white",
                             transform=axes.transData,
                         )
             axes.set_xscale("log")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ssl_mt.compare.keys import GLOBAL, LOSS, METRIC_LABELS, _all_tasks, _size_key
+from ssl_mt.compare.keys import LOSS, METRIC_LABELS, _all_tasks, _size_key
 from ssl_mt.compare.run import Run, common_keys
 from ssl_mt.compare.statistics import (
     is_score,
@@ -205,37 +205,6 @@ def _metric_column(table: pd.DataFrame) -> pd.DataFrame:
         names=table.index.names,
     )
     return table
-
-
-def _jump_verdicts(jumps: pd.DataFrame, runs: Sequence[Run]) -> list[str]:
-    """One line per switch and resolution on the global loss: whose jump is smaller."""
-    if len(runs) < 2 or GLOBAL not in jumps.index.get_level_values("task"):
-        return []
-    first = runs[0]
-    lines = []
-    for (switch, size, task), row in jumps.iterrows():
-        if task != GLOBAL:
-            continue
-        parts = []
-        for run in runs[1:]:
-            delta = row[("Δ jump", _diff_label(run, first))]
-            if math.isnan(delta):
-                verdict = "not measured"
-            elif delta < 0:
-                verdict = f"smaller for {run.name}"
-            elif delta > 0:
-                verdict = f"larger for {run.name}"
-            else:
-                verdict = "equal"
-            parts.append(
-                f"{run.name} {_format(row[('jump', run.name)], True)} "
-                f"(Δ {_format(delta, True)}, {verdict})"
-            )
-        lines.append(
-            f"- switch {switch}, global val loss @ {size} px: jump {first.name} "
-            f"{_format(row[('jump', first.name)], True)}; " + "; ".join(parts)
-        )
-    return [*lines, ""]
 
 
 def flat_columns(table: pd.DataFrame) -> pd.DataFrame:

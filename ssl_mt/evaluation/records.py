@@ -22,6 +22,7 @@ runs can be compared image by image.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def as_records(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 
 def write_records(table: pd.DataFrame, path: Path) -> Path:
-    """Writes a records table (gzip without a timestamp: the same records, the same bytes)."""
+    """Writes a records table (gzip without a timestamp: the same records, the same bytes),
+    through a temporary file renamed into place: a run killed mid-write leaves no torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False, compression={"method": "gzip", "mtime": 0})
+    partial = path.with_name(path.name + ".partial")
+    table.to_csv(partial, index=False, compression={"method": "gzip", "mtime": 0})
+    os.replace(partial, path)
     return path
 
 

@@ -41,6 +41,7 @@ from ssl_mt.models.task_metrics import (
     update_task_metrics,
 )
 from ssl_mt.optim import build_optimizer, decay_groups
+from ssl_mt.safe_loading import plain_hyper_parameters
 from ssl_mt.tasks import parse_tasks
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,10 @@ class MultiTaskModule(L.LightningModule):
         self.encoder_tensors_loaded, _ = self.net.load_encoder_state(state, source)
 
     # -- model ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain containers only (OmegaConf arguments too): checkpoints load weights-only.
+        plain_hyper_parameters(checkpoint)
+
     def configure_model(self) -> None:
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -285,10 +290,13 @@ class MultiTaskModule(L.LightningModule):
         self.weighting.epoch_end({name: float(value) for name, value in means.items()})
 
     # -- validation / test ------------------------------------------------------------------
-    def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> dict[str, Any] | None:
+        """Updates the metrics of one evaluation batch; returns its per-image task losses
+        (``index``, ``losses``, ``present``) for :class:`~ssl_mt.callbacks.curve_records.
+        CurveRecords` (Lightning hands them to the callbacks and keeps nothing)."""
         # No collective here: a rank may skip a batch (all bad) or have one batch fewer.
         if "image" not in batch:
-            return
+            return None
         outputs = self(batch["image"])
         losses = self.per_sample_losses(outputs, batch)
         metrics = self.val_metrics[str(self.eval_sizes[dataloader_idx])]
@@ -301,11 +309,16 @@ class MultiTaskModule(L.LightningModule):
                 batch["present"][t.name],
                 losses[t.name],
             )
+        return {
+            "index": batch["index"],
+            "losses": {name: value.detach() for name, value in losses.items()},
+            "present": batch["present"],
+        }
 
     def validation_step(
         self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._eval_step(batch, dataloader_idx)
+    ) -> dict[str, Any] | None:
+        return self._eval_step(batch, dataloader_idx)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
