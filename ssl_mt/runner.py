@@ -42,11 +42,27 @@ warnings.filterwarnings(
 warnings.filterwarnings("ignore", message=".*can lead to instability due to limitations in PyTorch")
 
 
+def check_untested_combinations(cfg: DictConfig) -> None:
+    """Refuses settings that are known to fail together and have never been run here.
+
+    Raises:
+        ValueError: ``compile=true`` with ``trainer.sync_batchnorm=true``.
+    """
+    if cfg.get("compile") and cfg.trainer.get("sync_batchnorm"):
+        raise ValueError(
+            "compile=true with trainer.sync_batchnorm=true is refused: torch.compile (dynamo) "
+            "is known to fail on SyncBatchNorm (pytorch/pytorch#107372, pytorch/pytorch#161302) "
+            "and this combination has not been run on a GPU here. Set compile=false or "
+            "trainer.sync_batchnorm=false."
+        )
+
+
 def prepare_run(cfg: DictConfig) -> Path:
     """Checks the config, seeds everything (workers too) and creates the run directory."""
     check_top_level_keys(cfg, cfg.app)
     check_group_keys(cfg)
     check_types(cfg)
+    check_untested_combinations(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -16,8 +16,11 @@ reverts it at teardown. It refuses a custom plugin together with ``sync_batchnor
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from lightning.pytorch.plugins import LayerSync
 from timm.layers import convert_sync_batchnorm
 from torch import nn
@@ -80,3 +83,53 @@ def _restored(original: nn.Module, synced: nn.Module) -> nn.Module:
         setattr(original, name, child)
     original.train(synced.training)
     return original
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics ``torch.batch_norm_stats`` computes for ``dtype`` input:
+    float32 for half and bfloat16 (the CUDA kernels accumulate in float32), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@contextmanager
+def empty_batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, an empty input reaches every SyncBatchNorm of ``model`` in the dtype
+    of the statistics the other ranks send.
+
+    A rank whose batch was all bad still runs the network (on no image), so that it makes
+    every collective the other ranks make; SyncBatchNorm's empty-input path then sends zero
+    statistics (count 0, filtered out by every rank). torch builds those zeros in the
+    INPUT's dtype, while a non-empty rank sends ``batch_norm_stats`` in float32: under
+    ``bf16-mixed`` the ranks would all-gather tensors of different byte sizes (forward) and
+    all-reduce them (backward). Casting the empty input to float32 makes both the same; the
+    output (empty) is cast back. A non-empty input is left as it is.
+
+    The alternative, a dummy image with its loss zeroed, would enter the global batch
+    statistics of every rank (and, through SyncBatchNorm's backward, their gradients): the
+    step would no longer be the other ranks' batch alone.
+    """
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.SyncBatchNorm):
+            handles.append(module.register_forward_pre_hook(_upcast_empty))
+            handles.append(module.register_forward_hook(_restore_dtype))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _upcast_empty(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    (x, *rest) = args
+    module._empty_input_dtype = x.dtype  # type: ignore[attr-defined]
+    if x.numel() == 0 and _stats_dtype(x.dtype) != x.dtype:
+        return (x.to(_stats_dtype(x.dtype)), *rest)
+    return None
+
+
+def _restore_dtype(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    dtype = module.__dict__.pop("_empty_input_dtype", None)
+    if isinstance(output, torch.Tensor) and dtype is not None and output.dtype != dtype:
+        return output.to(dtype)
+    return None

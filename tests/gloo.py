@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -24,11 +25,39 @@ def spawn_gloo(worker: Callable[..., None], world: int, *args: Any) -> None:
 
 @contextmanager
 def gloo_group(rank: int, port: int, world: int, timeout: timedelta) -> Iterator[None]:
-    """Joins the spawned ranks' gloo group (one intra-op thread each) for the block."""
+    """Joins the spawned ranks' gloo group (one intra-op thread each) for the block; its
+    rendezvous and its collectives time out after ``timeout``."""
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def fork_ranks(
+    worker: Callable[..., None], world: int, *args: Any, deadline_s: float
+) -> tuple[list[int | None], float]:
+    """Forks ``worker(rank, port, *args)`` in ``world`` processes; waits ``deadline_s`` at most.
+
+    For the tests of a rank that fails: no exception is raised here, whatever the ranks do.
+
+    Returns:
+        The exit codes (None: still running at the deadline, then killed) and the seconds
+        until the last rank exited.
+    """
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
+    start = time.monotonic()
+    context = mp.start_processes(
+        worker, args=(store.port, *args), nprocs=world, join=False, start_method="fork"
+    )
+    for process in context.processes:
+        process.join(max(0.0, deadline_s - (time.monotonic() - start)))
+    elapsed = time.monotonic() - start
+    codes = [process.exitcode for process in context.processes]
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return codes, elapsed

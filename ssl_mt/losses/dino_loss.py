@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_mt.losses.precision import autocast_off
+
 
 def dino_cross_entropy(
     student: Sequence[Tensor],
@@ -35,17 +37,20 @@ def dino_cross_entropy(
         center: (1, K) or (K,) teacher centre.
         student_temperature: τ_s (DINO: 0.1).
         teacher_temperature: τ_t (DINO: 0.04–0.07).
+
+    Computed in float32, also under autocast.
     """
-    log_ps = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
-    terms = []
-    for i, t in enumerate(teacher):
-        pt = F.softmax((t.detach().float() - center) / teacher_temperature, dim=-1)
-        for v, log_p in enumerate(log_ps):
-            if v != i:
-                terms.append(-(pt * log_p).sum(dim=-1).mean())
-    if not terms:
-        raise ValueError("DINO needs at least two views (no pair of different views)")
-    return torch.stack(terms).mean()
+    with autocast_off(student[0]):
+        log_ps = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
+        terms = []
+        for i, t in enumerate(teacher):
+            pt = F.softmax((t.detach().float() - center.float()) / teacher_temperature, dim=-1)
+            for v, log_p in enumerate(log_ps):
+                if v != i:
+                    terms.append(-(pt * log_p).sum(dim=-1).mean())
+        if not terms:
+            raise ValueError("DINO needs at least two views (no pair of different views)")
+        return torch.stack(terms).mean()
 
 
 class DINOLoss(nn.Module):

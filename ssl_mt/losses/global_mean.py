@@ -16,8 +16,9 @@ gets from the masked mean over the concatenated batch.
 The value of each task loss is the global one (``ΣS/N``, identical on every rank) while its
 gradient is the rank's own (a straight-through sum), so a non-linear weighting (FAMO) sees
 the true loss and every rank takes identical decisions on it (NaN checks, FAMO's logits).
-The cost is ONE ``all_reduce`` of ``2·T`` floats per training step, made by every rank every
-step (a rank whose batch was all bad runs it with an empty batch).
+The cost is ONE ``all_reduce`` of ``2·T`` floats per training step (plus one per rank: the
+non-finite guard's flags ride along), made by every rank every step (a rank whose batch was
+all bad runs it with an empty batch).
 
 Gradient accumulation (``K > 1``): ``N`` must be known before the first micro-batch's
 backward. It is counted from the manifest over the sampler's order (``window_counts``; no
@@ -55,17 +56,20 @@ class GlobalTaskLosses:
             rank has no label of the task).
         present: 0-dim bool per task: labeled somewhere in the global step (``N > 0``).
         counts: ``N`` per task (float, the same on every rank).
+        flags: The ``flags`` passed in, summed over the ranks (None when none were passed).
     """
 
     losses: dict[str, Tensor]
     present: dict[str, Tensor]
     counts: dict[str, Tensor]
+    flags: Tensor | None = None
 
 
 def global_task_losses(
     sums: Mapping[str, Tensor],
     counts: Mapping[str, Tensor] | Tensor,
     accumulate: int = 1,
+    flags: Tensor | None = None,
 ) -> GlobalTaskLosses:
     """Global means of per-task loss sums; one ``all_reduce`` under DDP.
 
@@ -75,6 +79,8 @@ def global_task_losses(
             rank contributes to the normaliser: its labeled samples of the batch (``K = 1``)
             or of the whole accumulation window (``K > 1``).
         accumulate: Lightning's ``accumulate_grad_batches`` (``K``).
+        flags: Further floats to sum over the ranks in the same ``all_reduce`` (the
+            non-finite guard's per-rank flags, :func:`ssl_mt.models.nonfinite.rank_flags`).
 
     Returns:
         The losses, presence and global counts (see :class:`GlobalTaskLosses`).
@@ -88,10 +94,12 @@ def global_task_losses(
             [torch.as_tensor(counts[n], device=stacked.device).float() for n in names]
         )
     world = _world_size()
-    packed = torch.cat([stacked.detach(), local_counts])
+    extra = [] if flags is None else [flags.detach().to(stacked.device, torch.float32).flatten()]
+    packed = torch.cat([stacked.detach(), local_counts, *extra])
     if world > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    global_sums, global_counts = packed.split(len(names))
+    global_sums, global_counts = packed[: len(names)], packed[len(names) : 2 * len(names)]
+    global_flags = packed[2 * len(names) :] if flags is not None else None
     denominator = global_counts.clamp(min=1.0)
     share = stacked * (world * accumulate) / denominator
     value = global_sums * accumulate / denominator
@@ -101,6 +109,7 @@ def global_task_losses(
         losses={name: losses[i] for i, name in enumerate(names)},
         present={name: global_counts[i] > 0 for i, name in enumerate(names)},
         counts={name: global_counts[i] for i, name in enumerate(names)},
+        flags=global_flags,
     )
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_mt.losses.precision import autocast_off
+
 
 @torch.no_grad()
 def gather_no_grad(x: Tensor) -> Tensor:
@@ -37,19 +39,21 @@ def info_nce_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> 
         temperature: Softmax temperature (> 0).
 
     Returns:
-        (B, 1 + K) logits; the target class of every row is 0.
+        (B, 1 + K) logits, float32 also under autocast; the target class of every row is 0.
     """
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.detach().float(), dim=1)
-    positive = (q * k).sum(dim=1, keepdim=True)
-    negative = q @ queue.detach().float().T
-    return torch.cat([positive, negative], dim=1) / temperature
+    with autocast_off(q):
+        q = F.normalize(q.float(), dim=1)
+        k = F.normalize(k.detach().float(), dim=1)
+        positive = (q * k).sum(dim=1, keepdim=True)
+        negative = q @ queue.detach().float().T
+        return torch.cat([positive, negative], dim=1) / temperature
 
 
 def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """Mean InfoNCE over the B queries: ``−log softmax(logits)[positive]``."""
     logits = info_nce_logits(q, k, queue, temperature)
-    return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
+    with autocast_off(logits):
+        return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
 
 
 def _distributed() -> bool:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ssl_mt.losses.precision import autocast_off
+
 LOSS_KINDS = ("l1", "l2")
 
 
@@ -78,12 +80,13 @@ def masked_reconstruction_loss(
             f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ"
         )
     mask = pixel_mask.to(torch.bool).expand_as(target)
-    # Select before subtracting: the error (and its gradient) outside the mask is exactly 0.
-    zero = prediction.new_zeros((), dtype=torch.float32)
-    diff = torch.where(mask, prediction.float(), zero) - torch.where(mask, target.float(), zero)
-    error = diff.abs() if kind == "l1" else diff.square()
-    total = error.sum()
-    count = mask.sum().to(total.dtype)
+    with autocast_off(prediction):  # float32 errors and sum, also under autocast
+        # Select before subtracting: the error (and its gradient) outside the mask is 0.
+        zero = prediction.new_zeros((), dtype=torch.float32)
+        diff = torch.where(mask, prediction.float(), zero) - torch.where(mask, target.float(), zero)
+        error = diff.abs() if kind == "l1" else diff.square()
+        total = error.sum()
+        count = mask.sum().to(total.dtype)
     world = _world()
     if world > 1:
         count = count.detach().clone()

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_mt.losses.precision import autocast_off
+
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -43,15 +45,17 @@ def nt_xent_logits(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, 
     Returns:
         ``(logits, targets)``: logits (2B, 2N) over the 2N global embeddings, the anchor's
         own column set to -inf, and the column of each anchor's positive. N = B × world.
+        The logits are float32, also under autocast.
     """
     world, rank = _world()
     batch = z1.shape[0]
-    z1 = F.normalize(z1.float(), dim=1)
-    z2 = F.normalize(z2.float(), dim=1)
-    all_z = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], dim=0)  # (2N, D)
+    with autocast_off(z1):
+        z1 = F.normalize(z1.float(), dim=1)
+        z2 = F.normalize(z2.float(), dim=1)
+        all_z = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], dim=0)  # (2N, D)
+        anchors = torch.cat([z1, z2], dim=0)  # (2B, D)
+        logits = anchors @ all_z.T / temperature  # (2B, 2N)
     n_global = batch * world
-    anchors = torch.cat([z1, z2], dim=0)  # (2B, D)
-    logits = anchors @ all_z.T / temperature  # (2B, 2N)
     local = torch.arange(batch, device=z1.device) + rank * batch
     self_cols = torch.cat([local, local + n_global])
     # masked_fill rather than boolean indexing: no host-device synchronisation.
@@ -68,7 +72,8 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     the concatenated global batch.
     """
     logits, targets = nt_xent_logits(z1, z2, temperature)
-    return F.cross_entropy(logits, targets)
+    with autocast_off(logits):
+        return F.cross_entropy(logits, targets)
 
 
 class NTXentLoss(nn.Module):

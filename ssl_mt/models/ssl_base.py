@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.models.backbone import create_backbone, match_state_dict
+from ssl_mt.models.collectives import gather_rows
 from ssl_mt.models.compilation import raise_recompile_limit
 from ssl_mt.models.knn import embedding_std, knn_predict
 from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
@@ -139,7 +140,8 @@ class SSLModule(L.LightningModule):
             return skip_step(self)
         views = batch["views"]
         loss, embeddings, extra = self.ssl_step(views)
-        # Under skip, guard_step agrees over the ranks (an all_reduce of the flag).
+        # guard_step agrees over the ranks (an all_reduce of the per-rank flags): every rank
+        # skips, or raises, at the same step.
         if guard_step(self, {"loss": loss}):
             return skip_step(self)
         batch_size = views[0].shape[0]
@@ -216,16 +218,20 @@ class SSLModule(L.LightningModule):
         ``knn/<task>/majority`` is the query accuracy of always answering the bank's most
         frequent class: what a backbone that learned nothing scores on imbalanced classes.
         Empties the feature buffers of the pass.
+
+        Under DDP every rank makes the same collectives whatever its shards held (none, or
+        fewer rows than another rank's, as under ``data.on_bad_sample=skip``): padded gathers
+        (:func:`~ssl_mt.models.collectives.gather_rows`), never a return before them. The scores are
+        then the same on every rank.
         """
-        bank_parts, query_parts = self._knn_features
         scores: dict[str, float] = {}
         try:
-            if not bank_parts or not query_parts:
+            if not self.knn_tasks:  # the config's, the same on every rank
                 return scores
-            bank = self._gather(torch.cat(bank_parts))
-            query = self._gather(torch.cat(query_parts))
-            bank_labels = self._gather(torch.cat(self._knn_labels[0]))
-            query_labels = self._gather(torch.cat(self._knn_labels[1]))
+            bank = gather_rows(self._knn_part(self._knn_features[0], torch.float32))
+            query = gather_rows(self._knn_part(self._knn_features[1], torch.float32))
+            bank_labels = gather_rows(self._knn_part(self._knn_labels[0], torch.long))
+            query_labels = gather_rows(self._knn_part(self._knn_labels[1], torch.long))
             for column, task in enumerate(self.knn_tasks):
                 in_bank = bank_labels[:, column] >= 0
                 in_query = query_labels[:, column] >= 0
@@ -250,10 +256,13 @@ class SSLModule(L.LightningModule):
             self._knn_features = [[], []]
             self._knn_labels = [[], []]
 
-    def _gather(self, x: Tensor) -> Tensor:
-        if self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).flatten(0, 1)
+    def _knn_part(self, parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+        """This rank's rows of one kNN buffer: (N, D) features or (N, T) labels; (0, ·) when
+        the rank had no batch (the feature width is then unknown here: 0)."""
+        if parts:
+            return torch.cat(parts)
+        width = len(self.knn_tasks) if dtype == torch.long else 0
+        return torch.zeros(0, width, dtype=dtype, device=self.device)
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -93,3 +93,25 @@ class LeakOutputs(L.Callback):
     ) -> None:
         ballast = torch.ones(self.numel)  # written, so every page is resident
         self.kept.append((outputs, ballast))
+
+
+class NaNImagesOnRank(L.Callback):
+    """Turns the training images of one rank's chosen batch into NaN (a NaN loss there only).
+
+    Args:
+        rank: The global rank whose batch is poisoned.
+        batch: The training batch index (of epoch 0).
+    """
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank = int(rank)
+        self.batch = int(batch)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank != self.rank or batch_idx != self.batch or trainer.current_epoch:
+            return
+        for images in [batch.get("image"), *(batch.get("views") or [])]:
+            if isinstance(images, torch.Tensor):
+                images.mul_(float("nan"))
