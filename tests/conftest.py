@@ -20,7 +20,11 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Shared by the session: copy it (``shutil.copytree``) before modifying anything.
     """
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    return generate_dataset(root, n=48, size=64, seed=0, workers=1, progress=False)
+    # train and val only (the counts the tests state: 41 train, 7 val); the default test
+    # split is covered by tests/data/test_synthetic.py and the comparison tests.
+    return generate_dataset(
+        root, n=48, size=64, seed=0, test_fraction=0.0, workers=1, progress=False
+    )
 
 
 @pytest.fixture(scope="session")

@@ -97,3 +97,28 @@ def bare_trainer(root: Path, **settings):
         "default_root_dir": str(root),
     }
     return L.Trainer(**{**defaults, **settings})
+
+
+def write_fake_curves(
+    run_dir: Path, mean: Sequence[float], seed: int, images: int = 40, size: int = 96
+) -> None:
+    """Curve records (RUN/eval/curves) of a run: per epoch, per-image val losses around
+    ``mean[epoch]`` for skin (every image) and tone (the first 10), image difficulty shared
+    by every run."""
+    import numpy as np
+    import pandas as pd
+
+    from ssl_mt.callbacks.curve_records import curve_path
+    from ssl_mt.evaluation.records import write_records
+
+    rng = np.random.default_rng(seed)
+    difficulty = np.random.default_rng(0).normal(0.0, 1.0, images)
+    names = [f"images/{i:03d}.jpg" for i in range(images)]
+    for epoch, level in enumerate(mean):
+        losses = level + difficulty + rng.normal(0.0, 0.3, images)
+        rows = [
+            pd.DataFrame({"image": names, "task": "skin", "loss": losses}),
+            pd.DataFrame({"image": names[:10], "task": "tone", "loss": losses[:10] + 1.0}),
+        ]
+        table = pd.concat(rows, ignore_index=True)
+        write_records(table, curve_path(run_dir / "eval" / "curves", size, epoch))

@@ -18,6 +18,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.helpers import write_fake_curves
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -116,15 +118,20 @@ def test_compare_notebook_runs(
 ) -> None:
     helpers = _test_compare()
     runs = helpers.make_two_runs(tmp_path / "runs")
-    for seed, (run, quality) in enumerate(zip(runs, (0.0, 1.5), strict=True)):
+    curves = ([3.0, 2.5, 2.8, 2.2], [2.8, 2.3, 2.4, 2.0])  # the switch at epoch 2
+    for seed, (run, quality, mean) in enumerate(zip(runs, (0.0, 1.5), curves, strict=True)):
         helpers.write_fake_records(run, quality, seed)  # per-image records: intervals
+        write_fake_curves(run, mean, seed)  # per-image curves: the claims' intervals
     monkeypatch.setenv("SSL_MT_RUNS", os.pathsep.join(str(r) for r in runs))
     nb = execute(COMPARE_NB, this_python_kernel)
     assert len(outputs_of(nb, "image/png")) >= 3  # validation, training, differences
     markdown = "\n".join(outputs_of(nb, "text/markdown"))
-    assert "Verdict per task (96 px, main metric; val/best" in markdown
-    assert "| skin | IoU ↑ |" in markdown and "| better |" in markdown
-    assert "Jump of the validation loss at the resolution switch" in markdown
+    assert "Verdict per task (96 px, main metric; test/best (best chosen on val" in markdown
+    assert "| skin | IoU ↑ |" in markdown and "| these runs differ: better |" in markdown
+    assert "Seed-to-seed variance is not covered" in markdown  # one seed per arm
+    assert "Family: main metric per task and global loss @ 96 px" in markdown
+    assert "## The claims about the curves" in markdown and "jump (64→96 px at epoch 2)" in markdown
+    assert "Per-run jumps of the logged validation loss" in markdown
     assert "| 1: 64→96 px | 64 | global | +0.3750 | +0.1875 | -0.1875 |" in markdown
     printed = "\n".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs

@@ -68,6 +68,7 @@ def knn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         irrelevant_fraction=0.3,
         unlabeled_fraction=0.0,
         val_fraction=0.3,
+        test_fraction=0.0,
         workers=1,
         progress=False,
     )

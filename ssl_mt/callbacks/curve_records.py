@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ssl_mt.evaluation.evaluate import image_name
 from ssl_mt.evaluation.records import write_records
+from ssl_mt.models.collectives import gather_rows
 
 CURVES_DIR = "curves"
 CURVE_COLUMNS = ("image", "task", "loss")
@@ -51,31 +52,21 @@ def kept_images(names: Sequence[str], max_images: int | None) -> np.ndarray:
     return np.sort(np.argsort(keys, kind="stable")[:max_images])
 
 
-def gather_rows(module: L.LightningModule, rows: Tensor) -> Tensor:
-    """Every rank's ``(n_r, 3)`` rows on every rank: a count, then a padded ``all_gather``."""
-    trainer = module.trainer
-    if trainer.world_size == 1:
-        return rows
-    rows = rows.to(module.device)
-    count = torch.tensor([rows.shape[0]], device=module.device)
-    counts = module.all_gather(count).reshape(-1)
-    padded = rows.new_zeros((int(counts.max()), rows.shape[1]))
-    padded[: rows.shape[0]] = rows
-    gathered = module.all_gather(padded)
-    return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts.tolist())])
-
-
 class CurveRecords(L.Callback):
     """Writes every validated epoch's per-image losses (see the module docstring).
 
     Args:
         dirpath: ``RUN/eval/curves``.
+        enabled: False: records nothing (the same on every rank: no collective either).
         max_images: Keep at most this many val images (None: all).
     """
 
-    def __init__(self, dirpath: str | Path, max_images: int | None = None) -> None:
+    def __init__(
+        self, dirpath: str | Path, enabled: bool = True, max_images: int | None = None
+    ) -> None:
         if max_images is not None and max_images < 1:
             raise ValueError(f"curve_records.max_images must be >= 1 or null, got {max_images}")
+        self.enabled = bool(enabled)
         self.dirpath = Path(dirpath)
         self.max_images = max_images
         self._rows: dict[int, list[Tensor]] = defaultdict(list)
@@ -87,7 +78,7 @@ class CurveRecords(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows.clear()
-        if self._kept is None and not trainer.sanity_checking:
+        if self.enabled and self._kept is None and not trainer.sanity_checking:
             names = self._names(trainer)
             kept = np.zeros(len(names), dtype=bool)
             kept[kept_images(names, self.max_images)] = True
@@ -102,7 +93,7 @@ class CurveRecords(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or not isinstance(outputs, Mapping):
+        if not self.enabled or trainer.sanity_checking or not isinstance(outputs, Mapping):
             return
         index = torch.as_tensor(outputs["index"]).reshape(-1).cpu()
         keep = self._kept[index]
@@ -123,7 +114,7 @@ class CurveRecords(L.Callback):
             self._rows[dataloader_idx].append(rows)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not self.enabled or trainer.sanity_checking:
             return
         names = self._names(trainer)
         tasks = [t.name for t in pl_module.tasks]
@@ -131,7 +122,7 @@ class CurveRecords(L.Callback):
         for k, size in enumerate(pl_module.eval_sizes):
             parts = self._rows.get(k, [])
             rows = torch.cat(parts) if parts else torch.zeros((0, 3), dtype=torch.float64)
-            rows = gather_rows(pl_module, rows).cpu().numpy()
+            rows = gather_rows(rows.to(pl_module.device)).cpu().numpy()
             if trainer.global_rank == 0:
                 self._write(rows, names, tasks, int(size), trainer.current_epoch)
         self._rows.clear()

@@ -24,6 +24,8 @@ The notebook ``notebooks/compare_loss_curves.ipynb`` calls the functions exporte
 """
 
 from ssl_mt.compare.arms import Arm, load_arms
+from ssl_mt.compare.claims import claims_table, study_claims
+from ssl_mt.compare.claims_report import claims_markdown, claims_summary
 from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
     comparison_table,
@@ -57,6 +59,9 @@ __all__ = [
     "Run",
     "StudyCell",
     "Switch",
+    "claims_markdown",
+    "claims_summary",
+    "claims_table",
     "compare_arms",
     "comparison_table",
     "jump_table",
@@ -73,6 +78,7 @@ __all__ = [
     "resolve_choice",
     "save_figure",
     "seed_line",
+    "study_claims",
     "study_markdown",
     "study_table",
     "summary_table",

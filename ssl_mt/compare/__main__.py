@@ -190,6 +190,10 @@ def run_study(argv: Sequence[str]) -> int:
         return EXIT_ERROR
     print(study_summary_text(table, choice).removeprefix("## "))
     print()
+    summary = claims_summary(table.attrs.get("claims", pd.DataFrame()))
+    if summary:
+        print(summary)
+        print()
     print(f"study: {paths['report']}")
     print(f"  figure: {paths['figure']}")
     print(f"  table: {paths['table']}")

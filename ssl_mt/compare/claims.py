@@ -38,9 +38,10 @@ import pandas as pd
 from ssl_mt.callbacks.curve_records import CURVES_DIR
 from ssl_mt.compare.keys import AUC, GLOBAL, JUMP, REACH, ROUGHNESS, _order_tasks
 from ssl_mt.compare.multiplicity import apply_family
-from ssl_mt.compare.run import CompareError, Switch
+from ssl_mt.compare.run import METRICS_FILE, CompareError, Switch, load_run, read_config
 from ssl_mt.compare.selection import RecordsChoice
 from ssl_mt.compare.statistics import bootstrap_functions, compare_draws, strata_of
+from ssl_mt.compare.study_layout import StudyCell
 from ssl_mt.evaluation.records import RECORDS_DIR
 
 # The families of the claims, in report order: (claim, its statistics).
@@ -387,6 +388,42 @@ def claims_table(
         tasks = [t for t in _order_tasks(found, config) if t != GLOBAL]
         rows = claim_rows(names, curves, tasks, switches, choice, notes)
         table = adjust_claims(pd.DataFrame(rows), choice)
+    table.attrs["missing"] = missing
+    table.attrs["notes"] = notes
+    return table
+
+
+def study_claims(cells: Sequence[StudyCell], choice: RecordsChoice, reference: str) -> pd.DataFrame:
+    """:func:`claims_table` per label fraction of a study, every arm against ``reference``,
+    with a ``fraction`` column; each claim's family spans the tasks × the label fractions."""
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    missing: list[Path] = []
+    for fraction in sorted({c.fraction for c in cells}):
+        here = {c.arm: c for c in cells if c.fraction == fraction}
+        if reference not in here or len(here) < 2:
+            continue
+        names = [reference, *sorted(a for a in here if a != reference)]
+        run_dirs = [here[name].runs for name in names]
+        curves, absent = runs_curves(run_dirs)
+        if absent:
+            missing += absent
+            continue
+        first = run_dirs[0][0]
+        config = read_config(first)
+        switches = load_run(first).switches if (first / METRICS_FILE).is_file() else []
+        found = {t for runs in curves for c in runs for f in c.values() for t in f["task"].unique()}
+        tasks = [t for t in _order_tasks(found, config) if t != GLOBAL]
+        here_notes: list[str] = []
+        for row in claim_rows(names, curves, tasks, switches, choice, here_notes):
+            rows.append({"fraction": fraction, **row})
+        notes += [f"{fraction:g}% labels: {note}" for note in here_notes]
+    table = pd.DataFrame(rows)
+    table = (
+        adjust_claims(table, choice, " × label fractions")
+        if not table.empty
+        else pd.DataFrame(columns=["fraction", *CLAIM_COLUMNS])
+    )
     table.attrs["missing"] = missing
     table.attrs["notes"] = notes
     return table

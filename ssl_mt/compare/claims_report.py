@@ -125,8 +125,11 @@ def claims_summary(table: pd.DataFrame) -> str:
     if part.empty:
         return ""
     heading = f"Claims about the global val-loss curve @ {size} px (each claim its own family)"
-    return (
-        heading
-        + "\n\n"
-        + plain_markdown(pd.DataFrame([claim_cells(r) for r in part.to_dict("records")]))
-    )
+    by_fraction = "fraction" in part.columns
+    if by_fraction:
+        part = part.sort_values(["statistic", "fraction"], kind="stable")
+    cells = [
+        claim_cells(r, {"labels": f"{r['fraction']:g}%"} if by_fraction else None)
+        for r in part.to_dict("records")
+    ]
+    return heading + "\n\n" + plain_markdown(pd.DataFrame(cells))

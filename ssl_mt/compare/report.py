@@ -12,7 +12,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ssl_mt.compare.arms import Arm, as_arms
-from ssl_mt.compare.claims import claims_table
+from ssl_mt.compare.claims import claims_table, study_claims
 from ssl_mt.compare.claims_report import claims_markdown
 from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
@@ -492,10 +492,14 @@ def write_study(
     paths = {
         "figure": save_figure(plot_study(table, choice.bootstrap.confidence), out / "study.png")
     }
+    claims = study_claims(cells, choice, table.attrs["reference"])
+    table.attrs["claims"] = claims
     paths["report"] = out / "study.md"
-    paths["report"].write_text(
-        study_markdown(table, choice, paths["figure"].name) + "\n", encoding="utf-8"
-    )
+    text = study_markdown(table, choice, paths["figure"].name)
+    text += "\n" + claims_markdown(claims, choice, fraction=True)
+    paths["report"].write_text(text + "\n", encoding="utf-8")
     paths["table"] = out / "study.csv"
     table.to_csv(paths["table"], index=False)
+    paths["claims"] = out / "study_claims.csv"
+    claims.to_csv(paths["claims"], index=False)
     return paths, table

@@ -30,7 +30,7 @@ from ssl_mt.losses.weighting import FAMO, build_weighting
 from ssl_mt.lr_plan import lambda_scheduler, plan_lr, trainer_world
 from ssl_mt.models.compilation import raise_recompile_limit
 from ssl_mt.models.multitask_net import MultiTaskNet
-from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step
+from ssl_mt.models.nonfinite import NonFiniteGuard, guard_step, rank_flags
 from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step
 from ssl_mt.models.ssl_base import to_channels_last
 from ssl_mt.models.task_metrics import (
@@ -42,6 +42,7 @@ from ssl_mt.models.task_metrics import (
 )
 from ssl_mt.optim import build_optimizer, decay_groups
 from ssl_mt.safe_loading import plain_hyper_parameters
+from ssl_mt.sync_batchnorm import empty_batch_statistics
 from ssl_mt.tasks import parse_tasks
 
 log = logging.getLogger(__name__)
@@ -228,24 +229,29 @@ class MultiTaskModule(L.LightningModule):
         """The step's weighted loss from task losses reduced over every rank; None to skip.
 
         The same collectives on every rank whatever its batch held: one ``all_reduce`` of the
-        per-task sums and counts (and, with ``nonfinite.policy=skip``, none more: the reduced
-        losses are the same everywhere, so is the decision to skip).
+        per-task sums and counts, which also carries the non-finite guard's per-rank flags
+        (so every rank raises, or skips, at the same step, with no further collective).
         """
         if "image" in batch:
             outputs = self(batch["image"])
             sums, counts = labeled_sums(self.per_sample_losses(outputs, batch), batch["present"])
         else:
             # Every sample was skipped as bad. The rank still runs the network (on no image:
-            # SyncBatchNorm's collectives take an empty input) and every reduction below, so
-            # the other ranks' steps go on; it contributes no sample.
-            outputs = self(self._empty_images())
+            # SyncBatchNorm's collectives take an empty input, in the other ranks' statistics
+            # dtype) and every reduction below, so the other ranks' steps go on; it
+            # contributes no sample.
+            with empty_batch_statistics(self.net):
+                outputs = self(self._empty_images())
             sums = {t.name: outputs[t.name].float().sum() for t in self.tasks}
             counts = {t.name: torch.zeros((), device=self.device) for t in self.tasks}
         accumulate = max(1, int(self.trainer.accumulate_grad_batches)) if self._trainer else 1
         reduced = global_task_losses(
-            sums, self._normaliser_counts(counts, batch_idx, accumulate), accumulate
+            sums,
+            self._normaliser_counts(counts, batch_idx, accumulate),
+            accumulate,
+            flags=rank_flags(sums),
         )
-        if guard_step(self, reduced.losses, synced=True):
+        if guard_step(self, reduced.losses, flags=reduced.flags):
             return None
         total, weights = self.weighting(reduced.losses, reduced.present)
         return TrainingLoss(total, weights, sums, counts, outputs[self.tasks[0].name].shape[0])
@@ -309,6 +315,8 @@ class MultiTaskModule(L.LightningModule):
                 batch["present"][t.name],
                 losses[t.name],
             )
+        if "index" not in batch:  # batches built by hand, without dataset indices
+            return None
         return {
             "index": batch["index"],
             "losses": {name: value.detach() for name, value in losses.items()},

@@ -27,6 +27,7 @@ from ssl_mt.compare.keys import AUC, JUMP
 from ssl_mt.compare.report import load_choice
 from ssl_mt.compare.run import Switch
 from ssl_mt.compare.statistics import BootstrapSettings, bootstrap_functions, compare_draws
+from tests.helpers import write_fake_curves
 
 EPOCHS = list(range(6))
 SWITCH = Switch(3, 64, 96)
@@ -92,29 +93,12 @@ def test_jump_and_auc_intervals_cover_the_true_differences(seeds: int):
         assert rates[AUC] < 0.85, rates
 
 
-def _write_curves(run_dir, mean: np.ndarray, seed: int, images: int = 40) -> None:
-    from ssl_mt.callbacks.curve_records import curve_path
-    from ssl_mt.evaluation.records import write_records
-
-    rng = np.random.default_rng(seed)
-    difficulty = np.random.default_rng(0).normal(0.0, 1.0, images)
-    names = [f"images/{i:03d}.jpg" for i in range(images)]
-    for epoch, level in enumerate(mean):
-        losses = level + difficulty + rng.normal(0.0, 0.3, images)
-        rows = [
-            pd.DataFrame({"image": names, "task": "skin", "loss": losses}),
-            pd.DataFrame({"image": names[:10], "task": "tone", "loss": losses[:10] + 1.0}),
-        ]
-        table = pd.concat(rows, ignore_index=True)
-        write_records(table, curve_path(run_dir / "eval" / "curves", 96, epoch))
-
-
 def test_claims_table_from_curve_records(tmp_path):
     runs = {"A": [], "B": []}
     for name, mean in (("A", MEAN_A), ("B", MEAN_B)):
         for seed in range(3):
             run_dir = tmp_path / f"{name}{seed}"
-            _write_curves(run_dir, mean, seed + (10 if name == "B" else 0))
+            write_fake_curves(run_dir, mean, seed + (10 if name == "B" else 0))
             runs[name].append(run_dir)
     choice = load_choice({"iterations": 1000})
     table = claims_table(["A", "B"], [runs["A"], runs["B"]], {}, [SWITCH], choice)

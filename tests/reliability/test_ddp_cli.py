@@ -176,6 +176,21 @@ def test_finetune_under_ddp_with_partial_val_labels_a_bad_batch_and_a_resume(
     rank0 = _finetune_val_loss(module, loaders, (0,))
     assert losses[1] == pytest.approx(both, rel=1e-5), (losses[1], both, rank0)
     assert abs(losses[1] - rank0) > 1e-4 * abs(losses[1]), "the logged value is rank 0's alone"
+    # The per-image val losses of every epoch, gathered from both ranks (4 + 3 images): every
+    # labeled (image, task) once, and at the last epoch the last checkpoint's own records.
+    import pandas as pd
+
+    from ssl_mt.callbacks.curve_records import curve_path
+    from ssl_mt.evaluation.records import read_records
+
+    for epoch in (0, 1):
+        curve = pd.read_csv(curve_path(run_dir / "eval" / "curves", 32, epoch))
+        assert not curve.duplicated(["image", "task"]).any()
+        assert curve["image"].nunique() == 7, curve
+    last = read_records(run_dir / "eval" / "last" / "val_32.csv.gz").set_index(["image", "task"])
+    final = curve.set_index(["image", "task"])["loss"].sort_index()
+    assert sorted(final.index) == sorted(last.index)
+    assert final.to_numpy() == pytest.approx(last["loss"].reindex(final.index).to_numpy(), rel=1e-4)
 
 
 def test_pretrain_under_ddp(synthetic_root, tmp_path, reaper):
