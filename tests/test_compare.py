@@ -609,16 +609,21 @@ def test_cli_arms_of_seeds_print_the_verdict(tmp_path: Path) -> None:
 
 
 def test_a_a_arms_find_no_difference(tmp_path: Path) -> None:
-    for name in ("a", "b"):
-        for seed in range(2):
+    """Two arms of the same setup, each 3 runs of its own seeds (the same quality): the
+    adjusted family finds nothing, and the intervals are not degenerate."""
+    for name, offset in (("a", 0), ("b", 10)):
+        for seed in range(3):
             run_dir = tmp_path / name / str(seed)
             make_run(run_dir, name)
-            write_fake_records(run_dir, 0.0, seed)  # the same runs in both arms
+            write_fake_records(run_dir, 0.0, seed + offset)
     arms = load_arms([("A", [tmp_path / "a"]), ("B", [tmp_path / "b"])])
-    table = comparison_table(arms, load_choice({"iterations": 400}))
-    assert not table.empty
-    assert (table["verdict"] == "no detectable difference").all()
-    assert (table["difference"] == 0).all()
+    table = comparison_table(arms, load_choice({"iterations": 1000}))
+    assert not table.empty and (table["difference"] != 0).any()
+    family = table[table["adjustment"] != "unadjusted"]
+    assert len(family) == 3  # skin IoU, tone top-1, global loss at 96 px
+    assert (family["verdict"] == "no detectable difference").all(), family
+    assert (table["difference low"] < table["difference high"]).all()
+    assert table["method"].all() and table["seed variance"].all()
 
 
 def test_runs_without_records_get_no_verdict(

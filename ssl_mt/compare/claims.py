@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ssl_mt.callbacks.curve_records import CURVES_DIR
+from ssl_mt.compare.differences import DIFFERENCE_COLUMNS, comparison_row
 from ssl_mt.compare.keys import AUC, GLOBAL, JUMP, REACH, ROUGHNESS, _order_tasks
 from ssl_mt.compare.multiplicity import apply_family
 from ssl_mt.compare.run import METRICS_FILE, CompareError, Switch, load_run, read_config
@@ -264,34 +265,14 @@ def claim_rows(
                     statistic
                 ]:
                     switch = switches[int(number)] if number else None
+                    row = comparison_row(size, task or GLOBAL, statistic, comparison, data.images)
                     rows.append(
                         {
                             "claim": next(c for c, stats in CLAIMS if statistic in stats),
                             "statistic": statistic,
-                            "switch": (f"{switch.label} at epoch {switch.epoch}" if switch else ""),
-                            "size": size,
-                            "task": task or GLOBAL,
+                            "switch": f"{switch.label} at epoch {switch.epoch}" if switch else "",
                             "target": target if statistic == REACH else np.nan,
-                            "reference": comparison.reference.name,
-                            "arm": comparison.arm.name,
-                            "reference value": comparison.reference.value,
-                            "reference std": comparison.reference.std,
-                            "reference low": comparison.reference.low,
-                            "reference high": comparison.reference.high,
-                            "reference seeds": comparison.reference.seeds,
-                            "value": comparison.arm.value,
-                            "std": comparison.arm.std,
-                            "low": comparison.arm.low,
-                            "high": comparison.arm.high,
-                            "seeds": comparison.arm.seeds,
-                            "difference": comparison.difference,
-                            "difference low": comparison.low,
-                            "difference high": comparison.high,
-                            "p": comparison.p_value,
-                            "method": comparison.method,
-                            "metric": statistic,
-                            "verdict": comparison.verdict,
-                            "images": data.images,
+                            **row,
                         }
                     )
     return rows
@@ -303,28 +284,9 @@ CLAIM_COLUMNS = [
     "switch",
     "size",
     "task",
+    "metric",
     "target",
-    "reference",
-    "arm",
-    "reference value",
-    "reference std",
-    "reference low",
-    "reference high",
-    "reference seeds",
-    "value",
-    "std",
-    "low",
-    "high",
-    "seeds",
-    "difference",
-    "difference low",
-    "difference high",
-    "verdict",
-    "verdict unadjusted",
-    "p",
-    "p adjusted",
-    "adjustment",
-    "method",
+    *DIFFERENCE_COLUMNS,
     "images",
 ]
 

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ssl_mt.compare.claims import CLAIMS
+from ssl_mt.compare.differences import format_p, mean_std
 from ssl_mt.compare.keys import GLOBAL, METRIC_LABELS, REACH
 from ssl_mt.compare.multiplicity import METHODS, UNADJUSTED
 from ssl_mt.compare.selection import RecordsChoice
@@ -26,16 +27,6 @@ CLAIMS_METHOD = (
 )
 
 
-def _p(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.3f}" if value >= 0.001 else "<0.001"
-
-
-def _mean_std(value: float, std: float) -> str:
-    return f"{value:.4f}" if math.isnan(std) else f"{value:.4f} ± {std:.4f}"
-
-
 def claim_cells(row: Mapping[str, Any], first: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One row of a claims table as printed."""
     statistic = METRIC_LABELS.get(row["statistic"], row["statistic"])
@@ -50,13 +41,13 @@ def claim_cells(row: Mapping[str, Any], first: Mapping[str, Any] | None = None) 
         **(first or {}),
         "task": row["task"],
         "statistic ↓": statistic,
-        f"{row['reference']} (reference)": _mean_std(row["reference value"], row["reference std"]),
+        f"{row['reference']} (reference)": mean_std(row["reference value"], row["reference std"]),
         "arm": row["arm"],
-        "arm value": _mean_std(row["value"], row["std"]),
+        "arm value": mean_std(row["value"], row["std"]),
         "Δ [interval]": f"{row['difference']:+.4f} [{row['difference low']:+.4f}, "
         f"{row['difference high']:+.4f}]",
-        "p": _p(row["p"]),
-        "p adj.": _p(row["p adjusted"]),
+        "p": format_p(row["p"]),
+        "p adj.": format_p(row["p adjusted"]),
         "verdict": verdict,
     }
 

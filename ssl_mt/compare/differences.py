@@ -171,12 +171,15 @@ def comparison_rows(
             results = compare_arms_metrics(by_metric, names, settings, strata)
             for key, comparisons in results.items():
                 for result in comparisons:
-                    row = _row(size, name, labels[key], result, images, left_out)
+                    row = comparison_row(size, name, labels[key], result, images, left_out)
                     rows.append({**row, "main": labels[key] == main, "warning": warning})
     return rows
 
 
-def _row(size: int, task: str, metric: str, c: Comparison, images: int, left_out: int) -> dict:
+def comparison_row(
+    size: int, task: str, metric: str, c: Comparison, images: int, left_out: int = 0
+) -> dict[str, Any]:
+    """One row of a comparison table (see :data:`COMPARISON_COLUMNS`)."""
     return {
         "size": size,
         "task": task,
@@ -205,10 +208,8 @@ def _row(size: int, task: str, metric: str, c: Comparison, images: int, left_out
     }
 
 
-COMPARISON_COLUMNS = [
-    "size",
-    "task",
-    "metric",
+# Each arm against the reference: values, intervals, the difference and its verdicts.
+DIFFERENCE_COLUMNS = [
     "reference",
     "arm",
     "reference value",
@@ -231,6 +232,12 @@ COMPARISON_COLUMNS = [
     "adjustment",
     "method",
     "seed variance",
+]
+COMPARISON_COLUMNS = [
+    "size",
+    "task",
+    "metric",
+    *DIFFERENCE_COLUMNS,
     "main",
     "images",
     "images left out",
@@ -324,23 +331,25 @@ def _verdict_cells(
         **first,
         "metric": metric_label(row["metric"]),
         **(after_metric or {}),
-        f"{row['reference']} (reference)": _mean_std(row["reference value"], row["reference std"]),
+        f"{row['reference']} (reference)": mean_std(row["reference value"], row["reference std"]),
         "arm": row["arm"],
-        "arm value": _mean_std(row["value"], row["std"]),
+        "arm value": mean_std(row["value"], row["std"]),
         f"Δ [{confidence:.0%} interval]": _difference(row),
-        "p": _p(row.get("p")),
-        "p adj.": _p(row.get("p adjusted")),
+        "p": format_p(row.get("p")),
+        "p adj.": format_p(row.get("p adjusted")),
         "verdict": row["verdict"] + (" ⚠" if row.get("warning") else ""),
     }
 
 
-def _p(value: Any) -> str:
+def format_p(value: Any) -> str:
+    """A p-value for a table: 3 decimals, ``<0.001``, or ``—`` when there is none."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:.3f}" if value >= 0.001 else "<0.001"
 
 
-def _mean_std(value: float, std: float) -> str:
+def mean_std(value: float, std: float) -> str:
+    """``value ± std`` (the value alone when the std is NaN: one seed)."""
     return f"{value:.4f}" if math.isnan(std) else f"{value:.4f} ± {std:.4f}"
 
 

@@ -16,9 +16,9 @@ from ssl_mt.compare.claims import claims_table, study_claims
 from ssl_mt.compare.claims_report import claims_markdown
 from ssl_mt.compare.curves import plot_train_losses, plot_val_losses
 from ssl_mt.compare.differences import (
-    _p,
     arm_records,
     comparison_table,
+    format_p,
     study_summary,
     study_table,
     verdict_table,
@@ -203,8 +203,8 @@ def _comparison_markdown(comparisons: pd.DataFrame) -> str:
                     f"[{r['difference low']:+.4f}, {r['difference high']:+.4f}]"
                     for r in part.to_dict("records")
                 ],
-                "p": part["p"].map(_p),
-                "p adj.": part["p adjusted"].map(_p),
+                "p": part["p"].map(format_p),
+                "p adj.": part["p adjusted"].map(format_p),
                 "verdict": [
                     r["verdict"] + ("" if r["adjustment"] != UNADJUSTED else " (unadjusted)")
                     for r in part.to_dict("records")
