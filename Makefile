@@ -42,7 +42,7 @@ STUDY_FT ?= $(DEMO_FT)
 STUDY_SSL ?= $(DEMO_SSL)
 
 .DEFAULT_GOAL := help
-.PHONY: help install data check preview pretrain finetune predict compare demo study probe bench test test-all lint format clean
+.PHONY: help install data check preview pretrain finetune predict compare demo study probe bench test test-all mutants lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -118,6 +118,9 @@ bench: $(STAMP) ## Throughput against the backbone ceiling: make bench ARGS="--d
 
 test: $(STAMP) ## Run the test suite (installs first when needed)
 	$(PY) -m pytest -q
+
+mutants: $(STAMP) ## Planted bugs (tests/mutants/mutants.toml): each must make its owning tests fail
+	$(PY) -m tests.mutants $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check ssl_mt tests

@@ -233,6 +233,15 @@ def test_adaptive_weighting_runs_and_logs_weights(synthetic_root, tmp_path, weig
         assert (weights.iloc[:2] == 1.0).all().all()
         assert not (weights.iloc[2] == 1.0).all()
         assert weights.iloc[2].sum() == pytest.approx(len(TASKS), rel=1e-5)
+    elif weighting == "famo":
+        # Weights c * z_i / L_i, normalised over the tasks of each step: every epoch's
+        # mean sums to 1. "Not all 1.0" would hold even for logits that never move.
+        assert weights.sum(axis=1).to_numpy() == pytest.approx([1.0] * 3, rel=1e-5)
+        assert not weights.iloc[0].equals(weights.iloc[-1])
+        # The task logits learned something: softmax(xi) left its uniform start.
+        state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+        logits = state["state_dict"]["weighting.logits"]
+        assert logits.shape == (len(TASKS),) and not torch.equal(logits, torch.zeros(5))
     else:
         # Learned weights move away from their start in the first steps.
         assert not (weights.iloc[-1] == 1.0).all()

@@ -1,6 +1,8 @@
 """MoCo under 2-process gloo DDP: the queue holds the keys of every rank, the same everywhere.
 
-Also Shuffling BN's cross-rank shuffle: it mixes the ranks' images and undoes itself.
+Also Shuffling BN's cross-rank shuffle: it mixes the ranks' images and undoes itself. The
+bug it catches: a shuffle that leaves every rank its own batch (a no-op, e.g. ``(x, None)``),
+which a "permutation that undoes itself" check alone cannot see.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ WORLD = 2
 BATCH = 3
 DIM = 4
 QUEUE = 2 * WORLD * BATCH  # two steps of both ranks fill it exactly
+SHUFFLES = 4  # draws of the shuffle: a no-op is told from an unlucky identity permutation
 STORE_TIMEOUT = timedelta(seconds=60)
 
 
@@ -39,8 +42,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             snapshots.append((queue.keys.clone(), queue.ptr.clone()))
 
         images = torch.arange(BATCH * 2, dtype=torch.float32).view(BATCH, 2) + 100 * rank
-        shuffled, unshuffle = batch_shuffle(images)
-        restored = batch_unshuffle(shuffled * 2, unshuffle)  # "the encoder" doubles
+        shuffled, restored = [], []
+        for _ in range(SHUFFLES):
+            batch, unshuffle = batch_shuffle(images)
+            shuffled.append(batch)
+            restored.append(batch_unshuffle(batch * 2, unshuffle))  # "the encoder" doubles
         torch.save(
             {
                 "snapshots": snapshots,
@@ -96,9 +102,21 @@ def test_queue_is_identical_on_every_rank(ranks):
 @pytest.mark.ddp
 @pytest.mark.timeout(120)
 def test_shuffling_bn_mixes_ranks_and_is_undone(ranks):
+    """Catches a no-op shuffle: every rank's key batch must hold images of the other rank."""
     everything = torch.cat([r["images"] for r in ranks])
-    shuffled = torch.cat([r["shuffled"] for r in ranks])
-    # A permutation of the global batch, spread over both ranks.
-    assert sorted(shuffled[:, 0].tolist()) == sorted(everything[:, 0].tolist())
+    for draw in range(SHUFFLES):
+        shuffled = torch.cat([r["shuffled"][draw] for r in ranks])
+        # A permutation of the global batch, spread over both ranks.
+        assert sorted(shuffled[:, 0].tolist()) == sorted(everything[:, 0].tolist()), draw
+        for rank, result in enumerate(ranks):
+            restored = result["restored"][draw]
+            torch.testing.assert_close(restored, 2 * result["images"], msg=f"rank {rank}")
     for rank, result in enumerate(ranks):
-        torch.testing.assert_close(result["restored"], 2 * result["images"], msg=f"rank {rank}")
+        own = set(result["images"][:, 0].tolist())
+        foreign = [sum(v not in own for v in batch[:, 0].tolist()) for batch in result["shuffled"]]
+        # Each draw may keep a rank's batch by chance (1 in 10 here), never all of them.
+        assert any(foreign), f"rank {rank} never got an image of the other rank: {foreign}"
+    draws = {
+        tuple(torch.cat([r["shuffled"][d] for r in ranks])[:, 0].tolist()) for d in range(SHUFFLES)
+    }
+    assert len(draws) > 1, "every draw is the same permutation"

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from ssl_mt.config import load_group
-from ssl_mt.data.preview import preview_grid, preview_views
+from ssl_mt.data.image_io import read_image, read_mask
+from ssl_mt.data.preview import (
+    MASK_ALPHA,
+    MASK_COLOURS,
+    _letterbox,
+    _overlay_tile,
+    load_samples,
+    preview_grid,
+    preview_views,
+)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -69,3 +78,37 @@ def test_cli(synthetic_root: Path, tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr and "nowhere" in missing.stderr
+
+
+def test_overlay_tile_blends_each_mask_exactly_where_it_is_set(
+    synthetic_root: Path, default_tasks
+) -> None:
+    """A tile's pixels against its masks: blended inside, the contour on the edge, the image
+    untouched outside. Catches a mask drawn at the wrong place, flipped or resized off the
+    image; size bands and ``std() > 20`` cannot."""
+    segmentation = [t for t in default_tasks if t.is_segmentation]
+    colours = {t.name: MASK_COLOURS[i] for i, t in enumerate(segmentation)}
+    sample = next(
+        s
+        for s in load_samples(synthetic_root, default_tasks)
+        if all(s.labels.get(t.name) for t in segmentation)
+    )
+    size = 48
+    for task in segmentation:  # one mask at a time: overlaps would blend twice
+        tile, notes = _overlay_tile(sample, [task], colours, size)
+        assert notes == []
+        image = read_image(sample.image)
+        plain = _letterbox(image, size)
+        mask = read_mask(sample.labels[task.name], expected_hw=image.shape[:2])
+        on = _letterbox(mask, size, cv2.INTER_NEAREST) > 0
+        assert 0 < on.sum() < on.size, task.name  # a mask with an inside and an outside
+        colour = np.asarray(colours[task.name])
+        blended = (plain * (1 - MASK_ALPHA) + colour * MASK_ALPHA).astype(np.uint8)
+        contour = (tile == colour).all(axis=2) & ~(plain == colour).all(axis=2)
+        assert contour.any(), task.name
+        # The contour runs along the mask's edge: every contour pixel borders the mask.
+        near = cv2.dilate(on.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        assert near[contour].all(), task.name
+        inside, outside = on & ~contour, ~on & ~contour
+        assert np.array_equal(tile[inside], blended[inside]), task.name
+        assert np.array_equal(tile[outside], plain[outside]), task.name

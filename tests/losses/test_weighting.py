@@ -157,11 +157,12 @@ def test_dwa_weights_are_one_for_two_epochs_then_favour_the_stagnating_task() ->
 
 
 def test_dwa_missing_task_is_neutral_and_unknown_task_raises() -> None:
+    # Previous losses other than 1: a DWA that forgot to divide by them (w = L(t-1)) fails.
     weighting = DynamicWeightAverage(TASKS, temperature=1.0)
-    weighting.epoch_end({"skin": 1.0, "blur": 1.0, "tone": 1.0})
+    weighting.epoch_end({"skin": 2.0, "blur": 0.5, "tone": 4.0})
     weighting.epoch_end({"skin": 0.5, "blur": 1.5})  # tone had no labels this epoch
     lam = weighting.lambdas
-    expected = 3 * torch.softmax(torch.tensor([0.5, 1.5, 1.0]), 0)
+    expected = 3 * torch.softmax(torch.tensor([0.5 / 2.0, 1.5 / 0.5, 1.0]), 0)
     torch.testing.assert_close(lam, expected)
     assert lam.sum().item() == pytest.approx(3.0)
     with pytest.raises(ValueError, match="unknown task"):

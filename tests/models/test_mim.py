@@ -9,6 +9,7 @@ after an epoch and resumed that ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -326,6 +327,23 @@ class StopAfterEpoch(L.Callback):
             trainer.should_stop = True
 
 
+class RecordFitStart(L.Callback):
+    """Writes the epoch and step at which ``fit`` starts training to ``path`` (json)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        self.path.write_text(json.dumps(start))
+
+
+def logged_once_per_epoch(run_dir: Path, column: str) -> list[int]:
+    """The epochs of ``column``'s rows in metrics.csv, in file order (repeats kept)."""
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    return [int(e) for e in frame.dropna(subset=[column])["epoch"]]
+
+
 @pytest.mark.slow
 def test_a_resumed_run_draws_the_same_masks_and_ends_identical(
     synthetic_root: Path, tmp_path: Path
@@ -333,7 +351,8 @@ def test_a_resumed_run_draws_the_same_masks_and_ends_identical(
     """Resumed after epoch 0, the run reproduces the uninterrupted one bit for bit.
 
     The masks of epoch 1 come from (seed, 1, index) in both runs; had the resumed run drawn
-    others (e.g. from a fresh random state), the weights would differ.
+    others (e.g. from a fresh random state), the weights would differ. The resume point is
+    asserted too: a run that silently starts over at epoch 0 also ends bit-identical.
     """
     common = [
         "trainer.deterministic=true",
@@ -350,7 +369,12 @@ def test_a_resumed_run_draws_the_same_masks_and_ends_identical(
     stop = f"+callbacks.stop={{_target_:{__name__}.StopAfterEpoch,epoch:0}}"
     run(quick_cfg(synthetic_root, b, *common, stop, epochs=2))
     assert torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
-    run(quick_cfg(synthetic_root, b, *common, epochs=2))  # the same command, resumed
+    start = tmp_path / "start.json"
+    record = f"+callbacks.start={{_target_:{__name__}.RecordFitStart,path:'{start}'}}"
+    run(quick_cfg(synthetic_root, b, *common, record, epochs=2))  # the same command, resumed
+    # Resumed after epoch 0's 3 steps, not started over (which keeps no old log either).
+    assert json.loads(start.read_text()) == {"epoch": 1, "step": 3}
+    assert not list(b.glob("metrics.before-restart-*.csv"))
 
     state_a = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     state_b = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -358,7 +382,7 @@ def test_a_resumed_run_draws_the_same_masks_and_ends_identical(
     differ = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
     assert not differ, f"{len(differ)} tensors differ after the resume, e.g. {differ[:5]}"
     loss_a, loss_b = epoch_values(a, "train/loss"), epoch_values(b, "train/loss")
-    assert list(loss_b.index) == [0, 1]
+    assert logged_once_per_epoch(b, "train/loss") == [0, 1]  # no repeated epoch row
     for epoch in (0, 1):
         assert math.isclose(loss_a[epoch], loss_b[epoch], rel_tol=1e-6)
 

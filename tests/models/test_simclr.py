@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ssl_mt.config import load_group, load_tasks_config
 from ssl_mt.data.datamodules import SSLDataModule
-from ssl_mt.losses.nt_xent import nt_xent_loss
+from ssl_mt.losses.nt_xent import nt_xent_logits, nt_xent_loss
 from ssl_mt.models.simclr import SimCLRModule
 from tests.helpers import bare_trainer
 
@@ -68,13 +68,20 @@ def make_datamodule(root: Path, stages: list[dict], eval_size: int = 32) -> SSLD
 
 
 def test_loss_is_nt_xent_of_the_projected_views():
+    """Against embeddings computed here from both views: catches a step that encodes one
+    view twice (``z`` of its own would agree with any such loss)."""
     module = make_module()
     gen = torch.Generator().manual_seed(0)
     views = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(2)]
+    with torch.no_grad():  # train mode: BatchNorm normalises over the 8 images, as the step
+        expected_z = module.projector(module.features(torch.cat(views)))
     loss, z, extra = module.ssl_step(views)
     assert z.shape == (8, 16)
-    torch.testing.assert_close(loss, nt_xent_loss(z[:4], z[4:], 0.2))
-    assert 0.0 <= extra["contrastive_top1"].item() <= 1.0
+    torch.testing.assert_close(z.detach(), expected_z)
+    torch.testing.assert_close(loss.detach(), nt_xent_loss(expected_z[:4], expected_z[4:], 0.2))
+    logits, targets = nt_xent_logits(expected_z[:4], expected_z[4:], 0.2)
+    top1 = (logits.argmax(dim=1) == targets).float().mean()
+    assert extra["contrastive_top1"].item() == top1.item()
     loss.backward()
     assert module.backbone.conv_stem.weight.grad.abs().sum() > 0
 

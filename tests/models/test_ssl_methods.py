@@ -27,7 +27,8 @@ from ssl_mt.data.datamodules import SSLDataModule
 from ssl_mt.data.synthetic import generate_dataset
 from ssl_mt.data.transforms import ViewSpec
 from ssl_mt.losses.byol_loss import byol_loss
-from ssl_mt.losses.info_nce import info_nce_loss
+from ssl_mt.losses.dino_loss import dino_cross_entropy
+from ssl_mt.losses.info_nce import info_nce_logits, info_nce_loss
 from ssl_mt.models.byol import BYOLModule
 from ssl_mt.models.dino import DINOModule
 from ssl_mt.models.ema import MomentumSchedule, ema_update_, momentum_copy
@@ -321,7 +322,8 @@ def test_moco_step_is_info_nce_against_the_queue_then_enqueues_the_keys():
     torch.testing.assert_close(module.queue.keys[:4], F.normalize(keys, dim=1))
     torch.testing.assert_close(module.queue.keys[4:], queue_before[4:])
     assert module.queue.ptr.item() == 4
-    assert 0 <= extra["contrastive_top1"].item() <= 1
+    logits = info_nce_logits(q.detach(), keys, queue_before, 0.2)
+    assert extra["contrastive_top1"].item() == (logits.argmax(dim=1) == 0).float().mean().item()
     loss.backward()  # the queue changed in place after the loss: the graph must not care
 
 
@@ -340,15 +342,32 @@ def test_byol_step_regresses_the_target_projection_of_the_other_view():
 
 
 def test_simsiam_step_has_no_momentum_network_and_stops_the_target_gradient():
+    """Loss and gradient against the definition with explicitly detached targets: catches a
+    target that lets the gradient through (SimSiam collapses without the stop-gradient)."""
     module = make_module(
         SimSiamModule,
         projection={"hidden_dim": 32, "out_dim": 16, "num_layers": 3},
         prediction={"hidden_dim": 8},
     )
     assert not [n for n, _ in module.named_children() if "target" in n]
-    loss, z, _ = module.ssl_step(images(2))
-    assert z.shape == (8, 16) and -1 <= loss.item() <= 1
+    reference = copy.deepcopy(module)
+    views = images(2)
+    loss, z, _ = module.ssl_step(views)
+    assert z.shape == (8, 16)
     loss.backward()
+
+    z_ref = reference.projector(reference.features(torch.cat(views)))
+    p1, p2 = reference.predictor(z_ref).chunk(2)
+    z1, z2 = z_ref.detach().chunk(2)
+    expected = -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    grads = dict(module.named_parameters())
+    for name, param in reference.named_parameters():
+        if param.grad is None:
+            assert grads[name].grad is None, name
+        else:
+            torch.testing.assert_close(grads[name].grad, param.grad, msg=name)
     assert module.projector.net[0].weight.grad.abs().sum() > 0
 
 
@@ -364,22 +383,41 @@ def test_rotation_step_is_cross_entropy_over_the_four_rotations():
     expected = -logits.log_softmax(dim=1)[torch.arange(16), labels].mean()
     torch.testing.assert_close(loss, expected)
     assert features.shape == (16, module.backbone.num_features)
-    assert 0 <= extra["rotation_top1"].item() <= 1
+    top1 = (logits.argmax(dim=1) == labels).float().mean()
+    assert extra["rotation_top1"].item() == top1.item()
 
 
 DINO_VIEWS = {"global_crops": 2, "local_crops": 3, "local_size_ratio": 0.5}
 
 
 def test_dino_step_distils_the_teacher_on_global_views_into_every_view():
+    """Against ``dino_cross_entropy`` of teacher outputs on the 2 global views only and
+    student outputs on all 5, with the centre before the step: catches a teacher that also
+    sees the local crops, and a centre updated before the loss."""
     module = make_module(
         DINOModule, head={"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}, views=DINO_VIEWS
     )
     views = images(2, size=32) + images(3, size=16, seed=1)
     center = module.criterion.center.clone()
+    with torch.no_grad():
+        global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
+        teacher, _ = module.target["head"](module.target["backbone"](global_views))
+        student_global, _ = module.head(module.features(global_views))
+        student_local, _ = module.head(module.features(local_views))
+        expected = dino_cross_entropy(
+            [*student_global.chunk(2), *student_local.chunk(3)],
+            teacher.chunk(2),
+            center,
+            module.criterion.student_temperature,
+            module.teacher_temperature_at(0),
+        )
     loss, embeddings, extra = module.ssl_step(views)
     assert embeddings.shape == (8, 16)
-    assert loss.item() > 0 and extra["teacher_entropy"].item() > 0
-    assert not torch.equal(center, module.criterion.center)  # the centre moved
+    torch.testing.assert_close(loss.detach(), expected)
+    assert extra["teacher_entropy"].item() > 0
+    momentum = module.criterion.center_momentum
+    moved = center * momentum + teacher.mean(dim=0, keepdim=True) * (1 - momentum)
+    torch.testing.assert_close(module.criterion.center, moved)  # from the teacher outputs
     loss.backward()
     assert module.backbone.conv_stem.weight.grad.abs().sum() > 0
 

@@ -193,6 +193,7 @@ def test_finetune_under_ddp_with_partial_val_labels_a_bad_batch_and_a_resume(
     assert final.to_numpy() == pytest.approx(last["loss"].reindex(final.index).to_numpy(), rel=1e-4)
 
 
+@pytest.mark.timeout(900)
 def test_pretrain_under_ddp(synthetic_root, tmp_path, reaper):
     cwd = tmp_path / "cwd"
     cwd.mkdir()

@@ -1,0 +1,1 @@
+"""Planted bugs the suite must catch: ``python -m tests.mutants`` (``make mutants``)."""
