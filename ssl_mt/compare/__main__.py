@@ -197,6 +197,7 @@ def run_study(argv: Sequence[str]) -> int:
     print(f"study: {paths['report']}")
     print(f"  figure: {paths['figure']}")
     print(f"  table: {paths['table']}")
+    print(f"  claims: {paths['claims']}")
     return 0
 
 

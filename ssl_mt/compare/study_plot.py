@@ -105,7 +105,10 @@ def plot_study(table: pd.DataFrame, confidence: float) -> Figure:
             markerfacecolor="white",
         ),
     ]
-    labels += [f"better than {reference} (interval excludes 0)", f"worse than {reference}"]
+    labels += [
+        f"better than {reference} (main metrics, global loss: Holm-adjusted; task losses: unadjusted)",
+        f"worse than {reference}",
+    ]
     figure.legend(
         handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=9
     )
