@@ -42,7 +42,7 @@ STUDY_FT ?= $(DEMO_FT)
 STUDY_SSL ?= $(DEMO_SSL)
 
 .DEFAULT_GOAL := help
-.PHONY: help install data check preview pretrain finetune predict compare demo study probe bench test test-all mutants lint format clean
+.PHONY: help install data check preview pretrain finetune predict compare demo study probe bench gpu-check test test-all mutants lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -115,6 +115,13 @@ probe: $(STAMP) ## Frozen-backbone linear probe + kNN: make probe BACKBONES="RUN
 
 bench: $(STAMP) ## Throughput against the backbone ceiling: make bench ARGS="--device cuda --sizes 224 384"
 	$(PY) -m ssl_mt.bench $(ARGS)
+
+# No install on the GPU machine: the venv's python when there is one, else $(PYTHON) with
+# the other packages on its path (the project is imported from this checkout).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check: ## One table of short GPU runs (<= 8 min; exits 0 on a CPU machine): make gpu-check [ARGS="--keep DIR"]
+	$(GPU_PY) -m ssl_mt.bench.gpu_check $(ARGS)
 
 test: $(STAMP) ## Run the test suite (installs first when needed)
 	$(PY) -m pytest -q

@@ -1,3 +1,7 @@
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _v
 
-__version__ = _v("ssl_mt")
+try:
+    __version__ = _v("ssl_mt")
+except PackageNotFoundError:  # imported from a checkout through PYTHONPATH, not installed
+    __version__ = "0+unknown"
