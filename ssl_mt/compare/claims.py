@@ -254,27 +254,31 @@ def claim_rows(
         notes += [f"claims @ {size} px: {line}" for line in left]
         if data is None:
             continue
+        # One bootstrap for every task's statistics: one matrix product per arm serves all.
+        functions: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        targets: dict[str, float] = {}
         for task in [*data.tasks, None]:
-            final = [data.curve(x.sum(axis=1), task)[:, -1] for x in data.arms]
-            target = choice.reach * float(final[0].mean())
-            functions = _functions(data, task, switches, target)
-            draws = bootstrap_functions([(data.arms, functions)], choice.bootstrap, data.strata)
-            for key, found in draws.items():
-                statistic, _, number = key.partition("#")
-                for comparison in compare_draws({statistic: found}, names, choice.bootstrap)[
-                    statistic
-                ]:
-                    switch = switches[int(number)] if number else None
-                    row = comparison_row(size, task or GLOBAL, statistic, comparison, data.images)
-                    rows.append(
-                        {
-                            "claim": next(c for c, stats in CLAIMS if statistic in stats),
-                            "statistic": statistic,
-                            "switch": f"{switch.label} at epoch {switch.epoch}" if switch else "",
-                            "target": target if statistic == REACH else np.nan,
-                            **row,
-                        }
-                    )
+            name = task or GLOBAL
+            final = data.curve(data.arms[0].sum(axis=1), task)[:, -1]
+            targets[name] = choice.reach * float(final.mean())
+            for key, function in _functions(data, task, switches, targets[name]).items():
+                functions[f"{name}|{key}"] = function
+        draws = bootstrap_functions([(data.arms, functions)], choice.bootstrap, data.strata)
+        for key, found in draws.items():
+            task, _, statistic_key = key.partition("|")
+            statistic, _, number = statistic_key.partition("#")
+            switch = switches[int(number)] if number else None
+            for comparison in compare_draws({statistic: found}, names, choice.bootstrap)[statistic]:
+                row = comparison_row(size, task, statistic, comparison, data.images)
+                rows.append(
+                    {
+                        "claim": next(c for c, stats in CLAIMS if statistic in stats),
+                        "statistic": statistic,
+                        "switch": f"{switch.label} at epoch {switch.epoch}" if switch else "",
+                        "target": targets[task] if statistic == REACH else np.nan,
+                        **row,
+                    }
+                )
     return rows
 
 
