@@ -8,6 +8,7 @@ old checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -24,6 +25,11 @@ from ssl_mt.safe_loading import HYDRA_OPT_IN, UnsafeCheckpointError, load_checkp
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+# A fine-tuning run writes its best checkpoint as best_epoch{NNN}.ckpt (conf/callbacks/
+# finetune.yaml); RUN/checkpoints/best.ckpt is the stable name predict and export accept.
+BEST = "best.ckpt"
+BEST_GLOB = "best_epoch*.ckpt"
+BEST_INFO = Path("eval") / "best" / "checkpoint.json"  # ssl_mt.evaluation.records writes it
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -94,6 +100,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             opt_in=HYDRA_OPT_IN,
             map_location=map_location or "cpu",
         )
+
+
+def resolve_best(path: str | Path) -> Path:
+    """``RUN/checkpoints/best.ckpt`` as the run's best checkpoint, ``best_epoch{NNN}.ckpt``.
+
+    A path that exists, or is not named ``best.ckpt``, is returned as it is. A missing
+    ``best.ckpt`` is the file that ``RUN/eval/best/checkpoint.json`` (written at the end of
+    fit) names, when it is in the folder, else the only ``best_epoch*.ckpt`` there.
+
+    Raises:
+        FileNotFoundError: No best checkpoint in the folder, or several and none recorded.
+    """
+    path = Path(path)
+    if path.name != BEST or path.exists():
+        return path
+    folder = path.parent
+    info = folder.parent / BEST_INFO
+    recorded = None
+    if info.is_file():
+        try:
+            recorded = json.loads(info.read_text(encoding="utf-8")).get("checkpoint")
+        except (ValueError, AttributeError):
+            recorded = None
+    if isinstance(recorded, str) and (folder / Path(recorded).name).is_file():
+        best = folder / Path(recorded).name
+    else:
+        found = sorted(folder.glob(BEST_GLOB))
+        if len(found) != 1:
+            what = (
+                f"{len(found)} best checkpoints ({', '.join(p.name for p in found)}) and "
+                f"{info} names none of them"
+                if found
+                else f"no {BEST_GLOB} (a fine-tuning run writes its best checkpoint there)"
+            )
+            raise FileNotFoundError(f"checkpoint not found: {path}; {folder} has {what}")
+        best = found[0]
+    log.info("%s is the run's best checkpoint: %s", path, best)
+    return best
 
 
 def is_loadable(path: Path, trust: bool = False) -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ssl_mt.checkpointing import resolve_best
 from ssl_mt.models.backbone import (
     BackboneError,
     architecture_args,
@@ -90,7 +91,7 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
         UnsafeCheckpointError: Not trusted, and the file holds pickled Python objects.
         ExportError: The file is not a checkpoint.
     """
-    path = Path(path)
+    path = resolve_best(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     not_ckpt = ExportError(
@@ -200,7 +201,7 @@ def export_checkpoint(
         UnsafeCheckpointError: The checkpoint holds pickled Python objects (not trusted).
         BackboneError: The tensors do not fit the model named in its hyper-parameters.
     """
-    ckpt_path, out = Path(ckpt_path), Path(out)
+    ckpt_path, out = resolve_best(ckpt_path), Path(out)
     if out.suffix in (".safetensors", ".pt", ".pth", ".onnx") or out.is_file():
         raise ExportError(
             f"--out is a folder (an export is config.json + model.safetensors, or "
@@ -308,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(encoder.safetensors) and, with --onnx, the whole multi-task model (model.onnx).",
     )
     parser.add_argument(
-        "ckpt", type=Path, help="Lightning checkpoint, e.g. RUN/checkpoints/last.ckpt"
+        "ckpt",
+        type=Path,
+        help="Lightning checkpoint, e.g. RUN/checkpoints/last.ckpt or RUN/checkpoints/best.ckpt "
+        "(a fine-tuning run's best_epoch*.ckpt)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(

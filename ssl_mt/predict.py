@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_mt.callbacks.prediction_writer import PredictionWriter
+from ssl_mt.checkpointing import resolve_best
 from ssl_mt.console import quiet_known_noise
 from ssl_mt.data.image_io import BadSampleError, bad_sample_message
 from ssl_mt.data.manifest import ManifestError
@@ -121,7 +122,7 @@ def predict(
         FileNotFoundError, ExportError, PredictError, ManifestError, BadSampleError,
             UnsafeCheckpointError: with the file named.
     """
-    ckpt_path, out = Path(ckpt_path), Path(out)
+    ckpt_path, out = resolve_best(ckpt_path), Path(out)
     module, hparams = load_module(ckpt_path, trust=trust)
     norm = training_normalization(ckpt_path, hparams)
     if norm is None:
@@ -178,7 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m ssl_mt.predict",
         description="Masks at original size and class probabilities of new photos.",
     )
-    parser.add_argument("ckpt", type=Path, help="fine-tuning checkpoint (RUN/checkpoints/*.ckpt)")
+    parser.add_argument(
+        "ckpt",
+        type=Path,
+        help="fine-tuning checkpoint: RUN/checkpoints/*.ckpt; best.ckpt is the best_epoch*.ckpt",
+    )
     parser.add_argument("input", type=Path, help="folder of images, or a labels.csv manifest")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--size", type=int, default=None, help="input size (default: training's)")

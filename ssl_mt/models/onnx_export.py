@@ -90,7 +90,10 @@ def export_onnx(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wrapper = ProbabilityOutputs(module.net, module.tasks).eval().float().cpu()
-    example = torch.zeros(2, 3, size, size)
+    # torch.export specialises a dimension traced at size 1: trace with at least 2 cells of
+    # the output stride (a 32 px model too), the graph stays dynamic in H and W.
+    traced = max(size, 2 * STRIDE)
+    example = torch.zeros(2, 3, traced, traced)
     batch = torch.export.Dim("batch", min=1, max=4096)
     rows = torch.export.Dim("rows", min=1, max=256)
     cols = torch.export.Dim("cols", min=1, max=256)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ssl_mt.data.datamodules.staged import StagedDataModule, require_split
+from ssl_mt.data.datamodules.staged import StagedDataModule, require_root, require_split
 from ssl_mt.data.datasets import MultiTaskDataset, OnBadSample
 from ssl_mt.data.label_fraction import describe_counts, has_any_label, keep_label_fraction
 from ssl_mt.data.loaders import world_and_rank
@@ -113,6 +113,7 @@ class MultiTaskDataModule(StagedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.samples:
             return
+        require_root(self.root)
         samples = load_manifest(self.root, self.tasks, val_fraction=self.val_fraction)
         if self.lossy_mask_threshold is None:
             refuse_lossy_masks(self.root, samples, self.tasks)

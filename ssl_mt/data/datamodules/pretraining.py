@@ -8,7 +8,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ssl_mt.data.datamodules.staged import StagedDataModule, require_split
+from ssl_mt.data.datamodules.staged import StagedDataModule, require_root, require_split
 from ssl_mt.data.datasets import MultiViewDataset, OnBadSample
 from ssl_mt.data.manifest import MANIFEST_NAME, Sample, list_image_folder, load_manifest
 from ssl_mt.data.transforms import (
@@ -127,6 +127,7 @@ class SSLDataModule(StagedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.images:
             return
+        require_root(self.root)
         if not self.uses_manifest:
             self.images = list_image_folder(self.root)
             return

@@ -22,6 +22,26 @@ from ssl_mt.data.transforms import build_finetune_transform
 from ssl_mt.schedule import ResolutionSchedule
 from ssl_mt.tasks import TaskSpec
 
+# The default ``data.root`` of both apps (conf/data/*.yaml): what `make data` generates.
+DEFAULT_ROOT = Path("data/synthetic")
+
+
+def require_root(root: Path) -> None:
+    """Stops with the way out when ``data.root`` does not exist (e.g. the default
+    ``data/synthetic`` before ``make data``)."""
+    if root.exists():
+        return
+    generated = (
+        "; it is the default, the synthetic dataset `make data` generates "
+        "(python -m ssl_mt.data generate --out data/synthetic)"
+        if root == DEFAULT_ROOT
+        else ""
+    )
+    raise FileNotFoundError(
+        f"data.root {root} does not exist (relative to {Path.cwd()}){generated}; "
+        "pass data.root=DIR: a dataset with labels.csv, or for pretraining a folder of images"
+    )
+
 
 def require_split(samples: Sequence[Sample], split: str, root: Path) -> None:
     if not samples:
