@@ -36,10 +36,30 @@ def gloo_group(rank: int, port: int, world: int, timeout: timedelta) -> Iterator
         dist.destroy_process_group()
 
 
+# Imported once by the fork server, so every rank starts with them loaded (a spawned rank
+# would import torch & co. again: seconds each).
+_PRELOAD = ["torch", "lightning", "timm", "segmentation_models_pytorch", "ssl_mt.models.multitask"]
+
+
+def start_ranks(worker: Callable[..., None], world: int, *args: Any, join: bool = True) -> Any:
+    """Starts ``worker(rank, *args)`` in ``world`` processes forked from a fork server.
+
+    Not forked from the test process: one that has run autograd (a compiled graph's backward,
+    say) may hold autograd's threads, and its forked children then fail at their first
+    backward ("Unable to handle autograd's threading in combination with fork-based
+    multiprocessing"), depending on which tests ran before. The fork server is a fresh
+    interpreter that imported only :data:`_PRELOAD`.
+    """
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return mp.start_processes(worker, args=args, nprocs=world, join=join, start_method="forkserver")
+
+
 def fork_ranks(
     worker: Callable[..., None], world: int, *args: Any, deadline_s: float
 ) -> tuple[list[int | None], float]:
-    """Forks ``worker(rank, port, *args)`` in ``world`` processes; waits ``deadline_s`` at most.
+    """Starts ``worker(rank, port, *args)`` in ``world`` processes (:func:`start_ranks`);
+    waits ``deadline_s`` at most.
 
     For the tests of a rank that fails: no exception is raised here, whatever the ranks do.
 
@@ -49,9 +69,7 @@ def fork_ranks(
     """
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
     start = time.monotonic()
-    context = mp.start_processes(
-        worker, args=(store.port, *args), nprocs=world, join=False, start_method="fork"
-    )
+    context = start_ranks(worker, world, store.port, *args, join=False)
     for process in context.processes:
         process.join(max(0.0, deadline_s - (time.monotonic() - start)))
     elapsed = time.monotonic() - start

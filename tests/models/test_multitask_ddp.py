@@ -23,11 +23,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ssl_mt.config import load_tasks_config
 from ssl_mt.models.multitask import MultiTaskModule
 from ssl_mt.schedule import ResolutionSchedule
+from tests.gloo import start_ranks
 
 WORLD, LOCAL, SIZE = 2, 4, 32
 DECODER = [64, 32, 16, 16, 8]
@@ -144,11 +144,9 @@ def _init(rank: int, port: int) -> None:
 
 
 def _run_ranks(worker, tmp_path: Path) -> list[dict]:
-    """Runs ``worker`` in 2 processes; forked, not spawned: no second import of torch & co."""
+    """Runs ``worker`` in 2 processes from a fork server (:func:`tests.gloo.start_ranks`)."""
     store = dist.TCPStore("127.0.0.1", 0, WORLD + 1, is_master=True, wait_for_workers=False)
-    mp.start_processes(
-        worker, args=(store.port, str(tmp_path)), nprocs=WORLD, join=True, start_method="fork"
-    )
+    start_ranks(worker, WORLD, store.port, str(tmp_path))
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ssl_mt.models.simclr import SimCLRModule
 from ssl_mt.models.skipping import optimizer_step_unless_skipped, skip_step, zero_loss
+from tests.gloo import start_ranks
 
 
 def make_simclr() -> SimCLRModule:
@@ -100,12 +101,9 @@ def _ssl_rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.timeout(180)
 def test_an_all_bad_ssl_batch_on_one_rank_skips_the_step_on_both(tmp_path):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False)
-    mp.start_processes(
-        _ssl_rank, args=(store.port, str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
+    start_ranks(_ssl_rank, 2, store.port, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # Rank 0's good batch is skipped too: NT-Xent gathers equal-sized batches from every rank.
     assert ranks == [{"loss": 0.0, "skip": True}] * 2
