@@ -83,7 +83,10 @@ def claims_markdown(table: pd.DataFrame, choice: RecordsChoice, fraction: bool =
         part = part[part["arm"] != part["reference"]]
         if part.empty:
             continue
-        order = ["fraction", "task"] if fraction else ["task"]
+        # tasks in the table's (the config's) order, the global loss last
+        tasks = {task: k for k, task in enumerate(dict.fromkeys(table["task"]))}
+        part = part.assign(_task=part["task"].map(tasks))
+        order = ["fraction", "_task"] if fraction else ["_task"]
         rows = [
             claim_cells(r, {"labels": f"{r['fraction']:g}%"} if fraction else None)
             for r in part.sort_values(order, kind="stable").to_dict("records")
