@@ -71,6 +71,7 @@ class CurveRecords(L.Callback):
         self.max_images = max_images
         self._rows: dict[int, list[Tensor]] = defaultdict(list)
         self._kept: Tensor | None = None
+        self._image_names: list[str] = []
 
     def _names(self, trainer: L.Trainer) -> list[str]:
         datamodule = trainer.datamodule
@@ -79,9 +80,9 @@ class CurveRecords(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows.clear()
         if self.enabled and self._kept is None and not trainer.sanity_checking:
-            names = self._names(trainer)
-            kept = np.zeros(len(names), dtype=bool)
-            kept[kept_images(names, self.max_images)] = True
+            self._image_names = self._names(trainer)  # the val split is fixed for the run
+            kept = np.zeros(len(self._image_names), dtype=bool)
+            kept[kept_images(self._image_names, self.max_images)] = True
             self._kept = torch.from_numpy(kept)
 
     def on_validation_batch_end(
@@ -116,7 +117,7 @@ class CurveRecords(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        names = self._names(trainer)
+        names = self._image_names
         tasks = [t.name for t in pl_module.tasks]
         # The same collectives on every rank: one gather per size, in the sizes' order.
         for k, size in enumerate(pl_module.eval_sizes):

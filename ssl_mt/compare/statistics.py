@@ -13,16 +13,18 @@ Two sources of uncertainty, both in the interval:
   global loss, the images that share a set of labeled tasks), so every replicate holds as
   many labeled images of each task as the data, and a task with 5 labeled images never
   vanishes from a replicate;
-- **seeds**: each arm is a sample of training runs. The spread of an arm's per-seed
-  metrics minus what image noise alone explains is its variance between runs
-  (:func:`between_seed_variance`; resampling seeds on top of images would count the image
-  noise twice). The arms of a comparison share one *pooled* estimate of it (weighted by
-  their degrees of freedom ``S_a − 1``, as a pooled t-test does), so an arm of one seed is
-  never treated as free of seed noise. Each replicate adds a zero-mean Student-t draw with
-  the pooled degrees of freedom, scaled to the variance of the seed means: with 3 seeds the
-  between-run variance is known only roughly, and a normal draw would be too narrow.
-  With one seed in every arm nothing estimates it: the interval covers the images only,
-  and a verdict is about these runs, not about the method (:func:`worded_verdict`).
+- **seeds**: each arm is a sample of training runs. Every seed is evaluated on the same
+  images, so a seed's metric is the arm's value plus the run's own deviation (its training
+  randomness and its noise on those images). The spread of the per-seed metrics estimates
+  that deviation's variance (:func:`seed_spread`); the arms of a comparison share one
+  *pooled* estimate (weighted by their degrees of freedom ``S_a − 1``, as a pooled t-test
+  does), so an arm of one seed is never treated as free of seed noise. Each replicate adds
+  a zero-mean Student-t draw with the pooled degrees of freedom, scaled to the variance of
+  the seed means, to the image replicates shrunk to the part every seed shares
+  (:meth:`Draws.replicates`): with 3 seeds the variance is known only roughly, and a normal
+  draw would be too narrow. With one seed in every arm nothing estimates it: the interval
+  covers the images only, and a verdict is about these runs, not about the method
+  (:func:`worded_verdict`).
 
 The interval is the percentile interval of the replicates, the p-value the two-sided
 bootstrap p-value of 0 (consistent with it: p < 1 − confidence exactly when 0 lies outside
@@ -162,13 +164,6 @@ def seed_spread(per_seed: np.ndarray, replicated: np.ndarray) -> tuple[float, fl
     return spread, image_noise
 
 
-def between_seed_variance(per_seed: np.ndarray, replicated: np.ndarray) -> float:
-    """The variance between training runs of one arm net of each run's image noise:
-    ``max(s² − v, 0)`` of :func:`seed_spread`; 0 with a single seed."""
-    spread, image_noise = seed_spread(per_seed, replicated)
-    return 0.0 if math.isnan(spread) else max(spread - image_noise, 0.0)
-
-
 @dataclass(frozen=True)
 class Draws:
     """Point estimates and bootstrap replicates of a metric for several arms.
@@ -202,7 +197,8 @@ class Draws:
 
     @property
     def between(self) -> np.ndarray:
-        """(A,) each arm's variance between runs net of image noise (0 with one seed)."""
+        """(A,) each arm's variance between runs net of its image noise, ``max(s² − v, 0)``
+        of :func:`seed_spread` (0 with one seed)."""
         return np.nan_to_num(np.maximum(self.spread - self.image_noise, 0.0))
 
     def pooled(self, arms: Sequence[int] | None = None) -> tuple[float, float, int]:
@@ -217,11 +213,6 @@ class Draws:
         spread = sum(d * float(self.spread[a]) for a, d in used) / total
         noise = sum(d * float(self.image_noise[a]) for a, d in used) / total
         return spread, noise, total
-
-    def pooled_between(self, arms: Sequence[int] | None = None) -> tuple[float, int]:
-        """The pooled between-run variance net of image noise and its degrees of freedom."""
-        spread, noise, dof = self.pooled(arms)
-        return (0.0, 0) if dof == 0 else (max(spread - noise, 0.0), dof)
 
     def covers_seeds(self, arms: Sequence[int] | None = None) -> bool:
         """True when the seed-to-seed variance is estimated: some arm has ≥ 2 seeds."""
